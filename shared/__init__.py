@@ -1,0 +1,1 @@
+"""Code both processes use: the typed config, the wire messages, adapters and the transports."""

@@ -1,0 +1,442 @@
+"""The one typed config tree: the single source of truth for the learner and the Ray job.
+
+Users give it as a YAML/TOML file (`--config`), as the seed's flags (TRL `examples/scripts/gkd.py`
+names and meanings), or both; flags override the file. Every field's flag is `--<field name>`, so
+the seed command line works unchanged. Validation happens here, before anything heavy is imported,
+and reports one line per mistake.
+
+This module imports only the standard library, msgspec and (lazily) yaml, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
+
+
+def _f(default: Any, help: str) -> Any:
+    """A struct field with its help text (shown by `--help`)."""
+    if isinstance(default, (list, dict)):
+        return msgspec.field(default_factory=lambda d=default: type(d)(d))
+    return msgspec.field(default=default)
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model_name_or_path: str | None = None
+    teacher_model_name_or_path: str | None = None
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    model_revision: str = "main"
+    device: str = "auto"
+    teacher_device: str | None = None
+
+
+class LoraConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+
+
+class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    overlong_prompts: Literal["truncate", "skip"] = "skip"
+    eval_samples: int = 32
+
+
+class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    output_dir: str = "gkd-output"
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    save_merged: bool = False
+    resume: str | None = None
+    loss_chunk_size: int = 1024
+
+
+class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    lmbda: float = 0.5
+    beta: float = 0.5
+    temperature: float = 0.9
+    max_new_tokens: int = 128
+    seq_kd: bool = False
+    loss_temperature: float | None = None
+
+
+class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    rollout_url: str | None = None
+    transport: Literal["auto", "zmq", "ray", "inproc"] = "auto"
+    sync_steps: int = 1
+    max_staleness: int = 1
+    max_inflight: int = 2
+    token: str | None = None
+    server_host: str = "127.0.0.1"
+    server_port: int = 5555
+    request_timeout_s: float = 600.0
+    reconnect_deadline_s: float = 120.0
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
+    data: DataConfig = msgspec.field(default_factory=DataConfig)
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
+    gkd: GKDConfig = msgspec.field(default_factory=GKDConfig)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "gkd": GKDConfig,
+    "rollout": RolloutConfig,
+}
+
+HELP: dict[str, str] = {
+    "model_name_or_path": "Student model: hub id or local directory.",
+    "teacher_model_name_or_path": "Teacher model: hub id or local directory (required).",
+    "torch_dtype": "Weights dtype for student and teacher.",
+    "attn_implementation": "transformers attention implementation (eager, sdpa, flash_attention_2).",
+    "trust_remote_code": "Allow custom modelling code from the model repo.",
+    "model_revision": "Hub revision (branch, tag or commit) of the models.",
+    "device": "Student device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.",
+    "teacher_device": "Teacher device (default: the student's); the teacher may live on another device.",
+    "use_peft": "Train a LoRA adapter (otherwise the LoRA defaults are still used: the service syncs adapters).",
+    "lora_r": "LoRA rank.",
+    "lora_alpha": "LoRA alpha (scale = alpha / r).",
+    "lora_dropout": "LoRA dropout.",
+    "lora_target_modules": "Modules to adapt; default: all linear projections.",
+    "dataset_name": "Hub dataset name or a local .json/.jsonl/.parquet file or directory.",
+    "dataset_config": "Dataset configuration name.",
+    "dataset_train_split": "Split to train on.",
+    "dataset_test_split": "Split to evaluate on (a held-out slice of train if missing).",
+    "max_length": "Maximum prompt+completion length in tokens.",
+    "max_prompt_length": "Maximum prompt length (default: max_length - max_new_tokens).",
+    "overlong_prompts": "What to do with prompts over max_prompt_length: skip or truncate (counted either way).",
+    "eval_samples": "Held-out prompts used per evaluation.",
+    "output_dir": "Where the adapter, checkpoints, metrics and config.json go.",
+    "learning_rate": "Peak AdamW learning rate.",
+    "per_device_train_batch_size": "Sequences per micro-batch.",
+    "gradient_accumulation_steps": "Micro-batches per optimizer step.",
+    "num_train_epochs": "Epochs over the training prompts (ignored when max_steps > 0).",
+    "max_steps": "Total optimizer steps; -1 derives it from num_train_epochs.",
+    "lr_scheduler_type": "Learning-rate schedule.",
+    "warmup_ratio": "Share of steps used for linear warmup.",
+    "weight_decay": "AdamW weight decay.",
+    "max_grad_norm": "Gradient clipping norm (0 disables).",
+    "gradient_checkpointing": "Recompute activations in backward to save memory.",
+    "disable_dropout": "Disable dropout in student and teacher.",
+    "seed": "Random seed (data order, on/off-policy draws, sampling).",
+    "logging_steps": "Log metrics every N optimizer steps.",
+    "save_steps": "Write a resumable checkpoint every N optimizer steps.",
+    "eval_strategy": "When to evaluate: no, steps (every eval_steps) or epoch.",
+    "eval_steps": "Evaluate every N steps (default: logging_steps).",
+    "push_to_hub": "Upload the adapter to the Hugging Face Hub at the end.",
+    "hub_model_id": "Hub repo id for push_to_hub (default: output_dir name).",
+    "save_merged": "Also write a merged full model to output_dir/merged.",
+    "resume": "Resume from 'latest' or a checkpoint path.",
+    "loss_chunk_size": "Tokens per chunk in the chunked JSD.",
+    "lmbda": "Share of micro-batches trained on the student's own samples (on-policy), in [0, 1].",
+    "beta": "JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher), in [0, 1].",
+    "temperature": "Sampling temperature; also divides both logits in the loss.",
+    "max_new_tokens": "Maximum tokens generated per completion.",
+    "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
+    "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
+    "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>.",
+    "transport": "Transport; auto picks it from the rollout_url scheme.",
+    "sync_steps": "Push the adapter every N optimizer steps.",
+    "max_staleness": "Never train on rollouts more than N policy versions old.",
+    "max_inflight": "Rollout requests kept in flight ahead of training.",
+    "token": "Shared secret for the server's control channel (env GKD_TOKEN).",
+    "server_host": "Rollout server bind host.",
+    "server_port": "Rollout server port.",
+    "request_timeout_s": "Seconds to wait for one rollout reply.",
+    "reconnect_deadline_s": "How long to retry an unreachable server before failing.",
+}
+
+
+class ConfigError(Exception):
+    """Invalid configuration: carries one message per mistake."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> list[str]:
+    """Return one line per mistake: the field, the value and what is allowed."""
+    errs: list[str] = []
+
+    def need(ok: bool, field: str, value: Any, allowed: str) -> None:
+        if not ok:
+            errs.append(f"{field}={value!r} is invalid: must be {allowed}")
+
+    g, t, lo, d, r, m = cfg.gkd, cfg.train, cfg.lora, cfg.data, cfg.rollout, cfg.model
+    need(0.0 <= g.lmbda <= 1.0, "lmbda", g.lmbda, "in [0, 1]")
+    need(0.0 <= g.beta <= 1.0, "beta", g.beta, "in [0, 1]")
+    need(g.temperature > 0, "temperature", g.temperature, "> 0")
+    need(g.loss_temperature is None or g.loss_temperature > 0, "loss_temperature", g.loss_temperature, "> 0")
+    need(g.max_new_tokens > 0, "max_new_tokens", g.max_new_tokens, "a positive integer")
+    need(t.per_device_train_batch_size > 0, "per_device_train_batch_size", t.per_device_train_batch_size, "a positive integer")
+    need(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps", t.gradient_accumulation_steps, "a positive integer")
+    need(t.max_steps == -1 or t.max_steps > 0, "max_steps", t.max_steps, "a positive integer (or -1 to use num_train_epochs)")
+    need(t.num_train_epochs > 0, "num_train_epochs", t.num_train_epochs, "> 0")
+    need(t.learning_rate > 0, "learning_rate", t.learning_rate, "> 0")
+    need(0.0 <= t.warmup_ratio < 1.0, "warmup_ratio", t.warmup_ratio, "in [0, 1)")
+    need(t.logging_steps > 0, "logging_steps", t.logging_steps, "a positive integer")
+    need(t.save_steps > 0, "save_steps", t.save_steps, "a positive integer")
+    need(t.eval_steps is None or t.eval_steps > 0, "eval_steps", t.eval_steps, "a positive integer")
+    need(t.loss_chunk_size > 0, "loss_chunk_size", t.loss_chunk_size, "a positive integer")
+    need(lo.lora_r > 0, "lora_r", lo.lora_r, "a positive integer")
+    need(lo.lora_alpha > 0, "lora_alpha", lo.lora_alpha, "a positive integer")
+    need(0.0 <= lo.lora_dropout < 1.0, "lora_dropout", lo.lora_dropout, "in [0, 1)")
+    need(d.max_length > 1, "max_length", d.max_length, "an integer > 1")
+    need(d.max_prompt_length is None or 0 < d.max_prompt_length < d.max_length, "max_prompt_length", d.max_prompt_length, "in (0, max_length)")
+    need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
+    need(r.sync_steps > 0, "sync_steps", r.sync_steps, "a positive integer")
+    need(r.max_staleness >= 0, "max_staleness", r.max_staleness, ">= 0")
+    need(r.max_inflight > 0, "max_inflight", r.max_inflight, "a positive integer")
+    need(0 < r.server_port < 65536, "server_port", r.server_port, "in [1, 65535]")
+    need(r.request_timeout_s > 0, "request_timeout_s", r.request_timeout_s, "> 0")
+    need(r.reconnect_deadline_s > 0, "reconnect_deadline_s", r.reconnect_deadline_s, "> 0")
+    need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
+    need(bool(m.teacher_model_name_or_path), "teacher_model_name_or_path", m.teacher_model_name_or_path, "set (the teacher model)")
+    need(bool(d.dataset_name), "dataset_name", d.dataset_name, "set (a hub dataset or a local file)")
+    if r.rollout_url is not None and not r.rollout_url.startswith(("tcp://", "ray://", "inproc://")):
+        errs.append(f"rollout_url={r.rollout_url!r} is invalid: must start with tcp://, ray:// or inproc://")
+    for field in ("device", "teacher_device"):
+        dev = getattr(m, field)
+        if dev is not None and not _valid_device(dev):
+            errs.append(f"{field}={dev!r} is invalid: must be auto, cpu, cuda or cuda:N")
+    scheme = {"zmq": "tcp://", "ray": "ray://", "inproc": "inproc://"}.get(r.transport)
+    if scheme and r.rollout_url is not None and not r.rollout_url.startswith(scheme):
+        errs.append(f"transport={r.transport!r} does not match rollout_url={r.rollout_url!r}: a {r.transport} URL starts with {scheme}")
+    if g.max_new_tokens >= d.max_length:
+        errs.append(f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}")
+    return errs
+
+
+def _valid_device(dev: str) -> bool:
+    if dev in ("auto", "cpu", "cuda", "mps"):
+        return True
+    head, _, idx = dev.partition(":")
+    return head in ("cuda", "xpu") and idx.isdigit()
+
+
+def rollout_url(cfg: Config) -> str:
+    """The server URL the learner talks to: rollout_url, else tcp://server_host:server_port."""
+    return cfg.rollout.rollout_url or f"tcp://{cfg.rollout.server_host}:{cfg.rollout.server_port}"
+
+
+def check_paths(cfg: Config) -> list[str]:
+    """Local paths that are clearly meant to be local but do not exist (hub ids pass)."""
+    errs = []
+    for field in ("model_name_or_path", "teacher_model_name_or_path"):
+        p = getattr(cfg.model, field)
+        if p and _looks_local(p) and not Path(p).exists():
+            errs.append(f"{field}={p!r} does not exist: give an existing model directory or a hub id")
+    p = cfg.data.dataset_name
+    if p and _looks_local(p) and not Path(p).exists():
+        errs.append(f"dataset_name={p!r} does not exist: give an existing file/directory or a hub dataset name")
+    return errs
+
+
+def _looks_local(p: str) -> bool:
+    return p.startswith((".", "/", "~")) or p.endswith((".json", ".jsonl", ".parquet")) or p.count("/") != 1
+
+
+# ---------------------------------------------------------------- files and flags
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a YAML or TOML config file; sections may be nested or flat (seed-style keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config={path!r}: file not found or not readable"])
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([f"config={path!r}: cannot read ({e.strerror})"]) from None
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - parser errors vary by library; report them as one line
+        raise ConfigError([f"config={path!r}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"config={path!r}: top level must be a mapping"])
+    return nest(data)
+
+
+def field_index() -> dict[str, tuple[str, Any]]:
+    """Map every flat field name to (section, type)."""
+    out = {}
+    for sec, cls in SECTIONS.items():
+        for name, typ in get_type_hints(cls).items():
+            out[name] = (sec, typ)
+    return out
+
+
+def nest(flat_or_nested: dict[str, Any]) -> dict[str, Any]:
+    """Accept `{lmbda: 0.5}` or `{gkd: {lmbda: 0.5}}`; return the nested form."""
+    idx = field_index()
+    out: dict[str, dict[str, Any]] = {}
+    errs = []
+    for key, val in flat_or_nested.items():
+        if key in SECTIONS and isinstance(val, dict):
+            out.setdefault(key, {}).update(val)
+        elif key in idx:
+            out.setdefault(idx[key][0], {})[key] = val
+        else:
+            errs.append(f"{key}: unknown setting (see --help for the list)")
+    if errs:
+        raise ConfigError(errs)
+    return out
+
+
+def to_config(nested: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(nested, Config, strict=False)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Expected `float`, got `str` - at `$.gkd.lmbda`"
+        raise ConfigError([f"invalid config: {e}"]) from None
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | None = None) -> argparse.ArgumentParser:
+    """One flag per config field, named exactly like the field (the seed's names)."""
+    p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML or TOML config file; flags override it.")
+    for sec, cls in SECTIONS.items():
+        grp = p.add_argument_group(sec)
+        defaults = cls()
+        for name, typ in get_type_hints(cls).items():
+            kw = _argkw(typ)
+            # The seed's spelling (underscores) first; the dashed spelling is accepted too.
+            flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+            grp.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} (default: {getattr(defaults, name)!r})", **kw)
+    for flag, kw in extra or []:
+        p.add_argument(flag, **kw)
+    return p
+
+
+def _argkw(typ: Any) -> dict[str, Any]:
+    args = [a for a in get_args(typ) if a is not type(None)]
+    base = args[0] if get_origin(typ) is not None and args and get_origin(typ) is not Literal else typ
+    if get_origin(typ) is Literal:
+        return {"choices": list(get_args(typ)), "type": str}
+    if get_origin(base) is Literal:
+        return {"choices": list(get_args(base)), "type": str}
+    if base is bool:
+        return {"nargs": "?", "const": True, "type": _bool, "metavar": "BOOL"}
+    if get_origin(base) is list:
+        return {"nargs": "+", "type": str}
+    if base in (int, float, str):
+        return {"type": base}
+    return {"type": str}
+
+
+def parse_args(argv: list[str] | None, prog: str = "gkd-learner", description: str = "", extra=None) -> tuple[Config, argparse.Namespace]:
+    """Parse flags (+ optional --config file) into a validated Config.
+
+    Returns the config and the namespace of `extra` flags. Raises ConfigError on any mistake.
+    """
+    parser = build_parser(prog, description, extra)
+    ns = parser.parse_args(argv)
+    given = vars(ns).copy()
+    nested = load_file(given.pop("config")) if "config" in given else {}
+    idx = field_index()
+    for key in list(given):
+        if key in idx:
+            nested.setdefault(idx[key][0], {})[key] = given.pop(key)
+    cfg = to_config(nested)
+    if cfg.rollout.token is None and os.environ.get("GKD_TOKEN"):
+        cfg.rollout.token = os.environ["GKD_TOKEN"]
+    errs = validate(cfg) + check_paths(cfg)
+    if errs:
+        raise ConfigError(errs)
+    return cfg, argparse.Namespace(**given)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = msgspec.to_builtins(cfg)
+    d["rollout"]["token"] = "***" if d["rollout"]["token"] else None  # never write secrets to disk
+    return d
+
+
+def write_resolved(cfg: Config, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config as output_dir/config.json (secrets redacted)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def from_json(path: str | os.PathLike) -> Config:
+    """Load a config.json written by write_resolved (a redacted token comes back as None)."""
+    d = json.loads(Path(path).read_text())
+    if d.get("rollout", {}).get("token") == "***":
+        d["rollout"]["token"] = None
+    return to_config(d)
+
+
+def exit_on_config_error(prog: str, err: ConfigError) -> None:
+    for line in err.errors:
+        sys.stderr.write(f"{prog}: error: {line}\n")
+    raise SystemExit(2)

@@ -1,0 +1,51 @@
+"""The client interface every transport implements (same shape in-process and over the wire)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared.messages import GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
+
+
+class RemoteError(RuntimeError):
+    """The server answered with an ErrorReply; `code` is its machine-readable kind."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ServerUnavailable(ConnectionError):
+    """No answer from the server within the timeout (down, restarting or unreachable)."""
+
+
+class RolloutClient(Protocol):
+    """What the learner needs from a rollout server.
+
+    `submit` returns at once so the learner can keep several batches in flight while it trains;
+    `result` blocks for one of them. Replies may arrive in any order.
+    """
+
+    def submit(self, req: GenerateRequest) -> str:
+        """Send a generate request; returns its request_id."""
+        ...
+
+    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+        """Block until the reply for `request_id` arrives (RemoteError / ServerUnavailable otherwise)."""
+        ...
+
+    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
+        """submit + result."""
+        ...
+
+    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
+        """Push an adapter; returns once the server serves it (and scored the canary)."""
+        ...
+
+    def status(self, timeout_s: float | None = None) -> Status:
+        ...
+
+    def close(self) -> None:
+        """Release sockets / handles. Idempotent."""
+        ...
