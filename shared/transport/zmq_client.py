@@ -1,0 +1,202 @@
+"""The ZeroMQ transport, client side: a DEALER socket speaking to the server's ROUTER.
+
+Single-threaded by design (the learner's thread). Generate replies are matched by request_id and
+may arrive in any order; push and status calls block, and their replies (which carry no id) are
+matched to the one such call outstanding.
+
+When a reply does not come in time, or the server drops the connection (it restarted, died, or
+refused a message over its size limit), every outstanding request is failed with
+ServerUnavailable and the socket is recreated, so a stale reply can never be taken for a new one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Envelope,
+    ErrorReply,
+    GenerateReply,
+    GenerateRequest,
+    PushAdapter,
+    PushReply,
+    Status,
+    StatusRequest,
+    decode_reply,
+    encode,
+)
+from shared.transport.base import RemoteError, ServerUnavailable
+
+_MiB = 1024 * 1024
+
+
+class ZmqClient:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0, max_message_mb: int | None = None):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._token = token or ""
+        self.max_bytes = max_message_mb * _MiB if max_message_mb else DEFAULT_MAX_MESSAGE_BYTES
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None
+        self._pending: set[str] = set()  # generate request ids sent, reply not yet taken
+        self._done: dict[str, Any] = {}  # request id -> reply, or the exception to raise
+        self._anon: deque[Any] = deque()  # replies without an id (push / status)
+        self._anon_waiting = False
+        self._open()
+
+    # ---- the RolloutClient interface ------------------------------------------------------
+
+    def submit(self, req: GenerateRequest) -> str:
+        if not req.request_id:
+            req.request_id = uuid.uuid4().hex
+        if req.request_id in self._pending:
+            raise ValueError(f"request id {req.request_id!r} is already in flight")
+        self._send(req)
+        self._pending.add(req.request_id)
+        return req.request_id
+
+    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+        if request_id not in self._pending and request_id not in self._done:
+            raise KeyError(f"unknown request id {request_id!r}")
+        self._wait(lambda: request_id in self._done, timeout_s)
+        self._pending.discard(request_id)
+        return self._expect(self._done.pop(request_id), GenerateReply)
+
+    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
+        return self.result(self.submit(req), timeout_s)
+
+    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
+        return self._expect(self._call(msg, timeout_s), PushReply)
+
+    def status(self, timeout_s: float | None = None) -> Status:
+        return self._expect(self._call(StatusRequest(), timeout_s), Status)
+
+    def close(self) -> None:
+        if self._ctx is None:
+            return
+        self._close_socket()
+        self._ctx.term()
+        self._ctx = None
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)  # also bounds what we accept from the server
+        if "[" in self.url:
+            s.setsockopt(zmq.IPV6, 1)
+        self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        s.connect(self.url)
+        self._sock = s
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(0)
+            self._mon.close(0)
+            self._sock = self._mon = None
+
+    def _reset(self, why: str) -> None:
+        """The connection is unusable: fail everything outstanding and start a clean socket."""
+        for rid in self._pending:
+            self._done.setdefault(rid, ServerUnavailable(why))
+        if self._anon_waiting:
+            self._anon.append(ServerUnavailable(why))
+        self._close_socket()
+        self._open()
+
+    def _send(self, body: Any) -> None:
+        if self._ctx is None:
+            raise ServerUnavailable("client is closed")
+        self._drain_monitor()
+        data = encode(Envelope(token=self._token, body=body))
+        if len(data) > self.max_bytes:
+            raise RemoteError("too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}")
+        try:
+            self._sock.send(data, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise ServerUnavailable(f"cannot queue a request for {self.url} (too many unsent; is the server up?)") from None
+
+    def _call(self, body: Any, timeout_s: float | None) -> Any:
+        """A blocking request whose reply carries no id (push, status)."""
+        self._anon.clear()  # anything here answered a call that already timed out
+        self._send(body)
+        self._anon_waiting = True
+        try:
+            self._wait(lambda: bool(self._anon), timeout_s)
+        finally:
+            self._anon_waiting = False
+        return self._anon.popleft()
+
+    def _wait(self, ready, timeout_s: float | None) -> None:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._reset(f"no reply from {self.url} within {timeout:.0f} s")
+                break
+            events = dict(poller.poll(min(left, 1.0) * 1000))
+            if self._sock in events:
+                self._receive()
+            if self._mon in events and self._disconnected():
+                self._receive()  # replies that arrived before the drop are still good
+                self._reset(f"{self.url} closed the connection (server restarted or died, or a message exceeded its --max_message_mb)")
+                break
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = decode_reply(data)
+            rid = getattr(reply, "request_id", "")
+            if rid and rid in self._pending:
+                self._done[rid] = reply
+            elif not rid:
+                self._anon.append(reply)
+            # else: a reply to a request this client gave up on; drop it
+
+    def _disconnected(self) -> bool:
+        seen = False
+        while True:
+            try:
+                evt = recv_monitor_message(self._mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return seen
+            seen = seen or evt["event"] == zmq.EVENT_DISCONNECTED
+
+    def _drain_monitor(self) -> None:
+        """Before sending: a disconnect while idle lost nothing, unless requests were pending."""
+        if self._disconnected() and (self._pending or self._anon_waiting):
+            self._receive()
+            self._reset(f"{self.url} closed the connection")
+
+    @staticmethod
+    def _expect(reply: Any, kind: type) -> Any:
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.message)
+        if not isinstance(reply, kind):
+            raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
+        return reply
+
+    def __enter__(self) -> "ZmqClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,270 @@
+"""Shared fixtures: tiny real models, a tiny dataset, real rollout-server processes, real adapters.
+
+Engine starts are the expensive part (20-90 s on 2 CPU cores), so rollout servers come from one
+session-wide pool that keeps at most ONE server process alive (the machine rule: one vLLM engine at
+a time). A test asks for a configuration; the pool reuses the running server when the configuration
+matches and it is still at policy version 0, and otherwise stops it (by PID) and starts the right
+one. Group tests by configuration to keep restarts few.
+
+Fixtures:
+- tiny_models (session): TinyModels(student, teacher) directories sharing one tokenizer.
+- tiny_dataset (session): a 32-row prompt/completion jsonl file.
+- rollout_server: a running `gkd-rollout-server` (merged mode, loopback, no token) at policy
+  version 0; a ServerProc with .url, .pid, .port, .http_port, .token, .args.
+- server_pool (session): pool.get(**flags) for other configurations (e.g. sync_mode="lora").
+- make_adapter (session): build a real PEFT LoRA on the tiny student (random lora_B so it changes
+  outputs), packed for the wire, plus the HF model with that adapter merged.
+- free_port: a function returning a free loopback TCP port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Settings of the shared default server. Small limits on purpose: tests exercise them.
+DEFAULT_SERVER_FLAGS: dict[str, Any] = {
+    "max_model_len": 1024,
+    "kv_cache_gb": 1,
+    "max_lora_rank": 32,  # tests push r=64 to see it refused
+    "max_message_mb": 2,  # tests send 3+ MB to see it refused (tiny adapters are KBs)
+    "min_version_wait_s": 60,
+}
+
+
+class TinyModels(NamedTuple):
+    student: Path
+    teacher: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    from shared.tiny import build_pair
+
+    student, teacher = build_pair(tmp_path_factory.mktemp("tiny_models"))
+    return TinyModels(Path(student), Path(teacher))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from shared.tiny import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("tiny_data") / "train.jsonl", n=32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    return _free_port
+
+
+# ---------------------------------------------------------------- rollout server processes
+
+
+@dataclass
+class ServerProc:
+    """A `gkd-rollout-server` subprocess started by the tests (stopped by PID, never by name)."""
+
+    args: dict[str, Any]
+    port: int
+    http_port: int | None
+    token: str | None
+    log_path: Path
+    proc: subprocess.Popen = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kw: Any):
+        from shared.transport.zmq_client import ZmqClient
+
+        kw.setdefault("token", self.token)
+        kw.setdefault("timeout_s", 120.0)
+        return ZmqClient(self.url, **kw)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(model: Path, log_path: Path, *, ready_timeout_s: float = 400.0, **flags: Any) -> ServerProc:
+    """Start `python -m rollout_server` on free loopback ports and wait for its 'ready' line."""
+    flags = dict(flags)
+    port = flags.pop("port", None) or _free_port()
+    http_port = flags.get("http_port")
+    cmd = [sys.executable, "-m", "rollout_server", "--model", str(model), "--port", str(port)]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("GKD_TOKEN", None)
+    log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True)
+    log_f.close()
+    srv = ServerProc(args=flags, port=port, http_port=http_port, token=flags.get("token"), log_path=log_path, proc=proc)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if "gkd-rollout-server: ready" in srv.log():
+            return srv
+        if not srv.alive():
+            pytest.fail(f"rollout server exited with {proc.returncode} before ready:\n{srv.log()[-3000:]}")
+        time.sleep(0.5)
+    srv.stop()
+    pytest.fail(f"rollout server not ready after {ready_timeout_s:.0f} s:\n{srv.log()[-3000:]}")
+
+
+class ServerPool:
+    """At most one live server; reused while its flags match and it is still at version 0."""
+
+    def __init__(self, model: Path, log_dir: Path):
+        self.model = model
+        self.log_dir = log_dir
+        self.current: ServerProc | None = None
+        self._key: dict[str, Any] = {}
+        self.starts = 0
+
+    def get(self, *, fresh: bool = True, **flags: Any) -> ServerProc:
+        """A live server with DEFAULT_SERVER_FLAGS overridden by `flags` (fresh: at version 0)."""
+        want = {**DEFAULT_SERVER_FLAGS, **flags}
+        cur = self.current
+        if cur is not None and cur.alive() and self._key == want and (not fresh or self._version(cur) == 0):
+            return cur
+        self.stop()
+        args = dict(want)
+        args.setdefault("http_port", _free_port())  # every server also serves the OpenAI endpoint
+        self.starts += 1
+        self.current = start_server(self.model, self.log_dir / f"server-{self.starts}.log", **args)
+        self._key = want
+        return self.current
+
+    def _version(self, srv: ServerProc) -> int:
+        with srv.client(timeout_s=30) as c:
+            return c.status().policy_version
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def server_pool(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory):
+    pool = ServerPool(tiny_models.student, tmp_path_factory.mktemp("server_logs"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def rollout_server(server_pool: ServerPool) -> ServerProc:
+    """The shared default server (merged mode, loopback, no token), at policy version 0.
+
+    It lives for the whole session unless a test needs another configuration or pushed to it.
+    """
+    return server_pool.get()
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@dataclass
+class BuiltAdapter:
+    data: bytes  # safetensors bytes, PEFT names (what the learner pushes)
+    sha256: str
+    lora: Any  # shared.messages.LoraSpec
+    merged: Any  # HF model with the adapter merged (peft merge_and_unload), fp32, eval mode
+
+    def push(self, version: int, canary_ids: list[int] | None = None):
+        from shared.messages import PushAdapter
+
+        return PushAdapter(version=version, adapter=self.data, sha256=self.sha256, lora=self.lora, canary_ids=list(canary_ids or []))
+
+
+def build_adapter(student: Path, *, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), scale_b: float = 0.3) -> BuiltAdapter:
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from shared.adapters import pack, sha256_hex
+    from shared.messages import LoraSpec
+
+    model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: a no-op adapter would prove nothing
+                p.copy_(torch.randn(p.shape, generator=gen) * scale_b)
+    data = pack(get_peft_model_state_dict(peft_model))
+    merged = peft_model.merge_and_unload().eval()
+    return BuiltAdapter(data=data, sha256=sha256_hex(data), lora=LoraSpec(r=r, lora_alpha=2 * r, target_modules=list(targets)), merged=merged)
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_models: TinyModels):
+    """make_adapter(r=8, seed=0, targets=(...)) -> BuiltAdapter on the tiny student."""
+
+    def make(**kw: Any) -> BuiltAdapter:
+        return build_adapter(tiny_models.student, **kw)
+
+    return make
+
+
+def hf_greedy(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations from a HF model (EOS does not stop, like vLLM's token budget)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def hf_logprobs(model: Any, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 (what the server's canary returns)."""
+    import torch
+
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+@pytest.fixture(scope="session")
+def hf_student(tiny_models: TinyModels):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_models.student), dtype=torch.float32).eval()
