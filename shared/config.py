@@ -80,7 +80,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     hub_model_id: str | None = None
     save_merged: bool = False
     resume: str | None = None
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int | None = None
+    torch_num_threads: int | None = None
 
 
 class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -166,14 +167,15 @@ HELP: dict[str, str] = {
     "hub_model_id": "Hub repo id for push_to_hub (default: output_dir name).",
     "save_merged": "Also write a merged full model to output_dir/merged.",
     "resume": "Resume from 'latest' or a checkpoint path.",
-    "loss_chunk_size": "Tokens per chunk in the chunked JSD.",
+    "loss_chunk_size": "Tokens per chunk of the chunked fused JSD; setting it forces that path (default: automatic, ~1M logits per chunk, used for large inputs).",
+    "torch_num_threads": "CPU threads for the learner's torch ops (default: torch's); 1 avoids thread thrashing when a CPU rollout server shares few cores.",
     "lmbda": "Share of micro-batches trained on the student's own samples (on-policy), in [0, 1].",
     "beta": "JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher), in [0, 1].",
     "temperature": "Sampling temperature; also divides both logits in the loss.",
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
     "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
-    "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>.",
+    "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name> (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
     "max_staleness": "Never train on rollouts more than N policy versions old.",
@@ -220,7 +222,8 @@ def validate(cfg: Config) -> list[str]:
     need(t.logging_steps > 0, "logging_steps", t.logging_steps, "a positive integer")
     need(t.save_steps > 0, "save_steps", t.save_steps, "a positive integer")
     need(t.eval_steps is None or t.eval_steps > 0, "eval_steps", t.eval_steps, "a positive integer")
-    need(t.loss_chunk_size > 0, "loss_chunk_size", t.loss_chunk_size, "a positive integer")
+    need(t.loss_chunk_size is None or t.loss_chunk_size > 0, "loss_chunk_size", t.loss_chunk_size, "a positive integer")
+    need(t.torch_num_threads is None or t.torch_num_threads > 0, "torch_num_threads", t.torch_num_threads, "a positive integer")
     need(lo.lora_r > 0, "lora_r", lo.lora_r, "a positive integer")
     need(lo.lora_alpha > 0, "lora_alpha", lo.lora_alpha, "a positive integer")
     need(0.0 <= lo.lora_dropout < 1.0, "lora_dropout", lo.lora_dropout, "in [0, 1)")
@@ -405,6 +408,8 @@ def parse_args(argv: list[str] | None, prog: str = "gkd-learner", description: s
     cfg = to_config(nested)
     if cfg.rollout.token is None and os.environ.get("GKD_TOKEN"):
         cfg.rollout.token = os.environ["GKD_TOKEN"]
+    if cfg.rollout.rollout_url is None and os.environ.get("GKD_ROLLOUT_URL"):
+        cfg.rollout.rollout_url = os.environ["GKD_ROLLOUT_URL"]  # lets the seed's command line run unchanged
     errs = validate(cfg) + check_paths(cfg)
     if errs:
         raise ConfigError(errs)

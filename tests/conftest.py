@@ -268,3 +268,165 @@ def hf_student(tiny_models: TinyModels):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(tiny_models.student), dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- fault injection (test_faults.py, test_bad_input.py)
+
+# A TCP relay run as its own process (`python -c RELAY_SRC LISTEN_PORT TARGET_PORT CORRUPT_MIN_BYTES`):
+# the learner talks to it as if it were the server. Killing it with SIGKILL is, from the learner's
+# side, a server that died and never returns. With CORRUPT_MIN_BYTES > 0 it flips one byte in the
+# middle of the first ZeroMQ message frame at least that long (learner -> server): corruption in
+# transit, which the adapter's sha256 must catch. It parses ZMTP 3 framing (64-byte greeting, then
+# frames of flags + 1- or 8-byte length + body) and forwards everything else untouched.
+RELAY_SRC = r'''
+import socket, sys, threading
+listen, target, corrupt_min = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+
+class Corrupter:
+    def __init__(self):
+        self.buf, self.greeting_left, self.done = bytearray(), 64, corrupt_min <= 0
+
+    def feed(self, data):
+        if self.done:
+            return data
+        self.buf += data
+        out = bytearray()
+        while not self.done:
+            if self.greeting_left:
+                n = min(self.greeting_left, len(self.buf))
+                out += self.buf[:n]; del self.buf[:n]; self.greeting_left -= n
+                if self.greeting_left:
+                    break
+                continue
+            if len(self.buf) < 2:
+                break
+            flags = self.buf[0]
+            head = 9 if flags & 0x02 else 2
+            if len(self.buf) < head:
+                break
+            size = int.from_bytes(self.buf[1:9], "big") if flags & 0x02 else self.buf[1]
+            if len(self.buf) < head + size:
+                break
+            frame = self.buf[:head + size]; del self.buf[:head + size]
+            if not flags & 0x04 and size >= corrupt_min:
+                frame[head + size // 2] ^= 0xFF
+                self.done = True
+                print("relay: corrupted a frame of", size, "bytes", flush=True)
+            out += frame
+        if self.done:
+            out += self.buf; self.buf.clear()
+        return bytes(out)
+
+def pipe(src, dst, corrupter):
+    try:
+        while True:
+            data = src.recv(1 << 16)
+            if not data:
+                break
+            dst.sendall(corrupter.feed(data) if corrupter else data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", listen))
+srv.listen(16)
+print("relay ready", flush=True)
+while True:
+    client, _ = srv.accept()
+    try:
+        upstream = socket.create_connection(("127.0.0.1", target))
+    except OSError:
+        client.close()
+        continue
+    threading.Thread(target=pipe, args=(client, upstream, Corrupter()), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client, None), daemon=True).start()
+'''
+
+
+@dataclass
+class Relay:
+    port: int
+    proc: subprocess.Popen = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def output(self) -> str:
+        return self.proc.stdout.read() if self.proc.poll() is not None else ""
+
+
+def start_relay(target_port: int, *, corrupt_min_bytes: int = 0) -> Relay:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", RELAY_SRC, str(port), str(target_port), str(corrupt_min_bytes)],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    if proc.stdout.readline().strip() != "relay ready":
+        proc.kill()
+        pytest.fail("relay did not start")
+    return Relay(port, proc)
+
+
+@pytest.fixture
+def relay():
+    """relay(target_port, corrupt_min_bytes=0) -> Relay; every relay started is killed at teardown."""
+    started: list[Relay] = []
+
+    def make(target_port: int, **kw: Any) -> Relay:
+        started.append(start_relay(target_port, **kw))
+        return started[-1]
+
+    yield make
+    for r in started:
+        r.kill()
+
+
+def learner_argv(models: TinyModels, dataset: Path, out: Path, url: str, *extra: str) -> list[str]:
+    """`python -m learner` on the tiny models: small batches, short completions, every step logged."""
+    return [
+        sys.executable, "-m", "learner",
+        "--model_name_or_path", str(models.student), "--teacher_model_name_or_path", str(models.teacher),
+        "--dataset_name", str(dataset), "--output_dir", str(out), "--rollout_url", url,
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_new_tokens", "16",
+        "--max_length", "128", "--logging_steps", "1", "--learning_rate", "1e-3", "--lora_r", "8", "--lora_alpha", "16",
+        "--request_timeout_s", "120", *extra,
+    ]
+
+
+def learner_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("GKD_TOKEN", None)
+    env.pop("GKD_ROLLOUT_URL", None)
+    return env
+
+
+def start_learner(argv: list[str], log_path: Path, **popen_kw: Any) -> subprocess.Popen:
+    """Start a learner process (its own session, stdout+stderr to log_path); stop it by PID."""
+    log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
+    try:
+        return subprocess.Popen(argv, cwd=REPO, env=learner_env(), stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True, **popen_kw)
+    finally:
+        log_f.close()
+
+
+def kill_pid(proc: subprocess.Popen) -> None:
+    """SIGKILL one process we started (by its PID), and reap it."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line (progress bars end their updates with \\r, not \\n)."""
+    lines = [x.strip() for x in text.replace("\r", "\n").splitlines() if x.strip()]
+    return lines[-1] if lines else ""

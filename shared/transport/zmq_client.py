@@ -7,6 +7,9 @@ matched to the one such call outstanding.
 When a reply does not come in time, or the server drops the connection (it restarted, died, or
 refused a message over its size limit), every outstanding request is failed with
 ServerUnavailable and the socket is recreated, so a stale reply can never be taken for a new one.
+A drop noticed while idle fails the next request instead: a restarted server has lost the adapter it
+served, so the caller must re-sync before relying on it. A call also fails once no connection has
+existed for `connect_grace_s` (the server is down, not slow).
 """
 
 from __future__ import annotations
@@ -38,9 +41,15 @@ _MiB = 1024 * 1024
 
 
 class ZmqClient:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0, max_message_mb: int | None = None):
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0, max_message_mb: int | None = None,
+                 connect_grace_s: float = 5.0):
         self.url = url
         self.timeout_s = timeout_s
+        # A call fails once no connection to the server has existed for this long: a dead server is
+        # noticed in seconds even when it died while this client was idle (nothing pending to fail).
+        self.connect_grace_s = connect_grace_s
+        self._down_since: float | None = None  # monotonic time the link went down; None while connected
+        self._lost: str | None = None  # why the link was last reset, until a caller has been told
         self._token = token or ""
         self.max_bytes = max_message_mb * _MiB if max_message_mb else DEFAULT_MAX_MESSAGE_BYTES
         self._ctx = zmq.Context()
@@ -59,7 +68,10 @@ class ZmqClient:
             req.request_id = uuid.uuid4().hex
         if req.request_id in self._pending:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
-        self._send(req)
+        try:
+            self._send(req)
+        except ServerUnavailable as e:  # submit returns at once; result() reports it
+            self._done[req.request_id] = e
         self._pending.add(req.request_id)
         return req.request_id
 
@@ -94,7 +106,8 @@ class ZmqClient:
         s.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)  # also bounds what we accept from the server
         if "[" in self.url:
             s.setsockopt(zmq.IPV6, 1)
-        self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+        self._down_since = time.monotonic()  # not connected until EVENT_CONNECTED
         s.connect(self.url)
         self._sock = s
 
@@ -106,11 +119,14 @@ class ZmqClient:
             self._sock = self._mon = None
 
     def _reset(self, why: str) -> None:
-        """The connection is unusable: fail everything outstanding and start a clean socket."""
+        """The connection is unusable: fail everything outstanding and start a clean socket.
+
+        Until some caller has been handed a ServerUnavailable, the next send fails too (`_lost`)."""
         for rid in self._pending:
             self._done.setdefault(rid, ServerUnavailable(why))
         if self._anon_waiting:
             self._anon.append(ServerUnavailable(why))
+        self._lost = why
         self._close_socket()
         self._open()
 
@@ -118,6 +134,9 @@ class ZmqClient:
         if self._ctx is None:
             raise ServerUnavailable("client is closed")
         self._drain_monitor()
+        if self._lost is not None:
+            why, self._lost = self._lost, None
+            raise ServerUnavailable(why)
         data = encode(Envelope(token=self._token, body=body))
         if len(data) > self.max_bytes:
             raise RemoteError("too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}")
@@ -155,6 +174,9 @@ class ZmqClient:
                 self._receive()  # replies that arrived before the drop are still good
                 self._reset(f"{self.url} closed the connection (server restarted or died, or a message exceeded its --max_message_mb)")
                 break
+            if self._down_since is not None and time.monotonic() - self._down_since > self.connect_grace_s:
+                self._reset(f"cannot reach {self.url}: not connected for {self.connect_grace_s:g} s (is the server running?)")
+                break
 
     def _receive(self) -> None:
         while True:
@@ -178,15 +200,22 @@ class ZmqClient:
             except zmq.Again:
                 return seen
             seen = seen or evt["event"] == zmq.EVENT_DISCONNECTED
+            if evt["event"] == zmq.EVENT_CONNECTED:
+                self._down_since = None
+            elif evt["event"] == zmq.EVENT_DISCONNECTED:
+                self._down_since = time.monotonic()
 
     def _drain_monitor(self) -> None:
-        """Before sending: a disconnect while idle lost nothing, unless requests were pending."""
-        if self._disconnected() and (self._pending or self._anon_waiting):
+        """Before sending: if the connection dropped since we last looked, reset (the send then
+        fails). Even when nothing was outstanding, a server that restarted has lost its state (the
+        adapter it served, queued work): the caller must hear of it and re-sync first."""
+        if self._disconnected():
             self._receive()
-            self._reset(f"{self.url} closed the connection")
+            self._reset(f"{self.url} closed the connection (server restarted or died)")
 
-    @staticmethod
-    def _expect(reply: Any, kind: type) -> Any:
+    def _expect(self, reply: Any, kind: type) -> Any:
+        if isinstance(reply, ServerUnavailable):
+            self._lost = None  # this caller hears of the drop
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(reply, ErrorReply):

@@ -1,0 +1,61 @@
+"""`gkd-learner`: parse and validate the config, then run the recipe.
+
+Thin on purpose: nothing here imports torch, transformers or vLLM, so `--help` and config mistakes
+answer instantly. Known user errors become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+from learner.errors import UserError
+from shared.config import ConfigError, exit_on_config_error, parse_args
+from shared.transport.base import RemoteError, ServerUnavailable
+
+PROG = "gkd-learner"
+DESCRIPTION = (
+    "On-policy knowledge distillation (GKD, Agarwal et al. 2024) of a LoRA student: pulls rollouts "
+    "from a gkd-rollout-server, trains on the generalized JSD to the teacher, pushes adapters back. "
+    "Accepts the flags of TRL's examples/scripts/gkd.py."
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, _ = parse_args(argv, prog=PROG, description=DESCRIPTION)
+    except ConfigError as e:
+        exit_on_config_error(PROG, e)
+    from learner.recipe import run  # heavy: torch, transformers, peft
+
+    try:
+        run(cfg)
+    except (UserError, ServerUnavailable, RemoteError) as e:
+        sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:  # anything else is a bug: keep its traceback
+            raise
+        sys.stderr.write(f"{PROG}: error: cannot write {e.filename or cfg.train.output_dir}: {e.strerror}; free space or fix "
+                         f"permissions, then rerun with --resume latest (complete checkpoints in {cfg.train.output_dir}/checkpoints are intact)\n")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        raise SystemExit(130) from None
+
+
+# A full disk, a file-size limit, a read-only or forbidden output directory: the user's to fix.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, ServerUnavailable):
+        return f"rollout server unavailable: {text}"
+    if isinstance(e, RemoteError):
+        return f"rollout server refused the request: {text}"
+    return text
+
+
+if __name__ == "__main__":
+    main()

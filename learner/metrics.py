@@ -1,0 +1,76 @@
+"""Metrics sinks: `output_dir/metrics.jsonl` (one JSON object per logged step) and TensorBoard.
+
+Rows: training rows carry `loss` (plus policy_version, lr, on_policy_fraction, staleness,
+seconds_per_step, tokens_per_s, ...); evaluation rows carry `eval/...` figures; a few event rows
+carry `event` ("start": data counts such as overlong_prompts; "reconnect": a server outage).
+
+On resume, lines of the interrupted run past the checkpoint's step are dropped first, so the file
+reads as one run: every step at most once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gkd.learner")
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, *, resume_step: int | None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            self._trim(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
+        except ImportError as e:  # tensorboard is optional at runtime; the jsonl is the record
+            log.warning("TensorBoard logging off (%s); metrics.jsonl still written", e)
+
+    def _trim(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,116 @@
+"""What a finished run leaves in output_dir: the adapter, optionally a merged model, a model card.
+
+* `adapter_config.json` + `adapter_model.safetensors` (+ tokenizer) at the root: loads with
+  `PeftModel.from_pretrained(base, output_dir)`;
+* `merged/` with `--save_merged`: a plain transformers model (loads in AutoModelForCausalLM and as
+  a rollout server / vLLM base model);
+* `README.md`: a model card with the run's config, final figures and the GKD citation.
+`--push_to_hub` uploads all of it; without network it fails with a clear message, after saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from learner.errors import UserError
+from shared.config import Config, to_dict
+
+log = logging.getLogger("gkd.learner")
+
+CITATION = """@inproceedings{agarwal2024on-policy,
+    title        = {{On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes}},
+    author       = {Rishabh Agarwal and Nino Vieillard and Yongchao Zhou and Piotr Stanczyk and Sabela Ramos Garea and Matthieu Geist and Olivier Bachem},
+    year         = 2024,
+    booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024, Vienna, Austria, May 7-11, 2024},
+    publisher    = {OpenReview.net},
+    url          = {https://openreview.net/forum?id=3zKtaqxLhW},
+    note         = {arXiv:2306.13649},
+}"""
+
+
+def save_adapter(student, tokenizer, out: Path) -> None:
+    student.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def save_merged(student, tokenizer, out: Path) -> Path:
+    """Merge the LoRA into the base weights and save a plain model. Consumes `student`: call last."""
+    merged = student.merge_and_unload()
+    path = out / "merged"
+    merged.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def write_model_card(cfg: Config, out: Path, final: dict[str, Any]) -> Path:
+    m, d = cfg.model, cfg.data
+    figures = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(final.items()) if isinstance(v, (int, float)) and v is not None)
+    card = f"""---
+base_model: {m.model_name_or_path}
+library_name: peft
+tags:
+- gkd
+- knowledge-distillation
+- lora
+- gkd-service
+---
+
+# {out.name}
+
+A LoRA adapter for `{m.model_name_or_path}`, distilled from `{m.teacher_model_name_or_path}` on
+`{d.dataset_name}` with on-policy generalized knowledge distillation (GKD, Agarwal et al., ICLR 2024,
+[arXiv:2306.13649](https://arxiv.org/abs/2306.13649)) by gkd-service: a vLLM rollout server sampled
+the student while the learner trained on the generalized JSD (beta={cfg.gkd.beta}) to the teacher,
+with a share lmbda={cfg.gkd.lmbda} of on-policy micro-batches.
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{m.model_name_or_path}")
+model = PeftModel.from_pretrained(base, "{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+```
+{"A merged copy is in `merged/`." if cfg.train.save_merged else ""}
+
+## Final figures
+
+| metric | value |
+|---|---|
+{figures}
+
+## Training configuration
+
+```json
+{json.dumps(to_dict(cfg), indent=2, sort_keys=True)}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    path = out / "README.md"
+    path.write_text(card)
+    return path
+
+
+def push_to_hub(cfg: Config, out: Path) -> None:
+    """Upload output_dir; UserError (everything already saved locally) when it cannot."""
+    repo = cfg.train.hub_model_id or out.resolve().name
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo, ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
+    except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end the same way
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"push_to_hub to {repo!r} failed ({first}); everything is saved locally in {out}") from None
+    log.info("pushed %s to the hub as %s", out, repo)
