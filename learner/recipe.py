@@ -185,8 +185,11 @@ class GKDRecipe:
 
     def _resync(self, version: int) -> int:
         """Make the (possibly restarted) server serve our current adapter as `version`; return its version."""
-        if not self.dist.is_main:  # rank 0 pushes; the others wait until it has
+        if not self.dist.is_main:  # rank 0 pushes; the others wait until it has (as long as rank 0 may try)
+            deadline = time.monotonic() + self.cfg.rollout.reconnect_deadline_s
             while self.client.status(timeout_s=10.0).policy_version < version:
+                if time.monotonic() > deadline:
+                    raise UserError(f"rank {self.dist.rank}: the rollout server did not reach version {version} after a reconnect")
                 time.sleep(0.5)
             return version
         m = self.m
@@ -215,7 +218,7 @@ class GKDRecipe:
         t, st = self.cfg.train, self.state
         if self.eval_on and st.step == 0:
             self.evaluate()
-        bar = tqdm(total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main)
+        bar = self._bar = tqdm(total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main)
         window = Window()
         while st.step < self.total_steps:
             t0, epoch_before = time.perf_counter(), st.cursor.epoch
@@ -382,6 +385,8 @@ class GKDRecipe:
         return dict(self.last, step=self.state.step, policy_version=self.state.policy_version, adapter_digest=digest)
 
     def cleanup(self) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()  # now, not at exit: the CLI's one-line error must be the last thing on stderr
         if self.rollouts is not None:
             self.rollouts.close()
         if self.client is not None:

@@ -134,9 +134,8 @@ class ZmqClient:
         if self._ctx is None:
             raise ServerUnavailable("client is closed")
         self._drain_monitor()
-        if self._lost is not None:
-            why, self._lost = self._lost, None
-            raise ServerUnavailable(why)
+        if self._lost is not None:  # stays set until a caller is told (_call, _expect)
+            raise ServerUnavailable(self._lost)
         data = encode(Envelope(token=self._token, body=body))
         if len(data) > self.max_bytes:
             raise RemoteError("too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}")
@@ -148,7 +147,11 @@ class ZmqClient:
     def _call(self, body: Any, timeout_s: float | None) -> Any:
         """A blocking request whose reply carries no id (push, status)."""
         self._anon.clear()  # anything here answered a call that already timed out
-        self._send(body)
+        try:
+            self._send(body)
+        except ServerUnavailable:
+            self._lost = None  # this caller hears of the drop
+            raise
         self._anon_waiting = True
         try:
             self._wait(lambda: bool(self._anon), timeout_s)
