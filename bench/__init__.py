@@ -1,0 +1,1 @@
+"""Benchmarks against the reference implementation (TRL); run as `python -m bench.<name>`, not by pytest."""

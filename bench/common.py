@@ -1,0 +1,207 @@
+"""What every benchmark section shares: paths, the demo models, processes, and how results are written.
+
+A section writes `bench/out/<name>.json` (raw figures, everything measured) and `bench/out/<name>.md`
+(the fragment BENCHMARKS.md shows). Targets are stated next to the measured ratio with `target_line`,
+met or not, so no section can quietly drop one.
+
+Heavy imports (torch, transformers) stay inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+PLOTS = ROOT / "bench" / "plots"
+DEMO = ROOT / "demo-output"
+
+# vLLM's CPU KV cache (GiB): the machine rule for every engine we start.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# OpenMP threads that spin while they wait for work are a cliff on a shared CPU: with more runnable
+# threads than cores (our server and learner together, or anything else running), a student+teacher
+# step took 64-88 s with torch's default (active) waiting and 9 s with passive waiting, measured on
+# this 2-core machine under load. Every process the benchmarks start, ours and the peer alike,
+# inherits this setting (set before torch is imported), so the comparison stays like for like.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ---------------------------------------------------------------- the embedded-default models
+
+
+def demo_paths(with_data: bool = True) -> dict[str, Path]:
+    """teacher / student / data directories of the demo, prepared (cached) if missing."""
+    paths = {"teacher": DEMO / "teacher", "student": DEMO / "student-initial", "data": DEMO / "data"}
+    need = ["teacher", "student"] + (["data"] if with_data else [])
+    if any(not (paths[k] / ".prepared.json").exists() for k in need):
+        cmd = [sys.executable, "-m", "demo.prepare", "--out", str(DEMO)] + ([] if with_data else ["--no_data"])
+        print(f"bench: preparing the demo models: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return paths
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompt_texts(n: int, split: str = "train") -> list[str]:
+    """The first n demo prompts of a split (demo/data/prompts.jsonl: ours, no download)."""
+    rows = [r for r in read_rows(ROOT / "demo" / "data" / "prompts.jsonl") if r["split"] == split]
+    return [r["prompt"] for r in rows[:n]]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Chat-templated prompt ids, the way the learner and demo.prepare build them."""
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(templated, add_special_tokens=False)["input_ids"]
+
+
+def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def rollout_server(model: Path, log: Path, dtype: str = "float32", **flags: Any):
+    """A `gkd-rollout-server` child process (demo.procs.RolloutServer); call .wait_ready()."""
+    from demo.procs import RolloutServer
+
+    extra: list[str] = []
+    for k, v in flags.items():
+        extra += [f"--{k}", str(v)]
+    return RolloutServer(model, log, dtype=dtype, extra=extra)
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None):
+    """A child in its own process group (demo.procs.spawn); stop it with `stop`."""
+    from demo.procs import spawn as _spawn
+
+    return _spawn(cmd, log, env)
+
+
+def stop(proc) -> None:
+    from demo.procs import stop as _stop
+
+    _stop(proc)
+
+
+def log_tail(path: Path, n: int = 25) -> str:
+    from demo.procs import log_tail as _tail
+
+    return _tail(path, n)
+
+
+class PeakRss:
+    """The kernel's resident-memory high-water mark (VmHWM) of a child, sampled until it exits.
+
+    VmHWM only grows, so the last sample taken is the peak up to that moment; sample at least once
+    per training step and just before stopping the child.
+    """
+
+    def __init__(self, pid: int):
+        self.pid, self.kib = pid, 0
+
+    def sample(self) -> int:
+        v = proc_status_kib(self.pid, "VmHWM")
+        if v is not None:
+            self.kib = max(self.kib, v)
+        return self.kib * 1024
+
+
+def read_jsonl_complete(path: Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl file another process is appending to (an unfinished last line is skipped)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.split("\n")[:-1]:
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM); None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------- figures
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; with few samples, p95 is near the max."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def target(what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
+    """A target beside its measured figure, met or not; `line` is the sentence BENCHMARKS.md shows."""
+    ok = measured == measured and (measured >= goal if higher_is_better else measured <= goal)
+    op = ">=" if higher_is_better else "<="
+    line = f"{what}: **{measured:.2f}{unit}** (target {op} {goal:g}{unit}): **{'met' if ok else 'NOT met'}**"
+    return {"what": what, "measured": measured, "target": f"{op} {goal:g}{unit}", "unit": unit, "met": bool(ok), "line": line}
+
+
+def target_line(what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x") -> tuple[bool, str]:
+    t = target(what, measured, goal, higher_is_better, unit)
+    return t["met"], t["line"]
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(name: str, data: dict[str, Any], md: str) -> None:
+    """bench/out/<name>.json (raw figures) and bench/out/<name>.md (the BENCHMARKS.md fragment)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = {"section": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": os.getloadavg(), **data}
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (OUT / f"{name}.md").write_text(md.rstrip() + "\n")
+    print(f"wrote {OUT / (name + '.json')} and {name}.md")
+
+
+def load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average at the end of this section: {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
