@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.files import sha256_file
+
 PREPARE_VERSION = 1  # bump when a stage's output would change for the same inputs
 MARKER = ".prepared.json"
 PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -50,14 +52,6 @@ def _sha(*parts: Any) -> str:
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True).encode())
         h.update(b"\0")
-    return h.hexdigest()
-
-
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -107,7 +101,7 @@ def find_gguf() -> Path:
 
 
 def teacher_key(gguf: Path) -> str:
-    return _sha("teacher", PREPARE_VERSION, gguf.name, file_sha(gguf))
+    return _sha("teacher", PREPARE_VERSION, gguf.name, sha256_file(gguf))
 
 
 def convert_teacher(gguf: Path, out: Path, key: str | None = None) -> Path:
@@ -268,7 +262,7 @@ def load_prompts(path: Path = PROMPTS) -> list[dict[str, str]]:
 
 
 def data_key(t_key: str, prompts_path: Path, s: DataSettings) -> str:
-    return _sha("data", PREPARE_VERSION, t_key, file_sha(prompts_path), s.__dict__)
+    return _sha("data", PREPARE_VERSION, t_key, sha256_file(prompts_path), s.__dict__)
 
 
 def chat_prompt_ids(tok, text: str) -> list[int]:

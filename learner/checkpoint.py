@@ -11,7 +11,6 @@ disk (never from the network) and are loaded with weights_only=True.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from learner.data import Cursor
 from learner.errors import UserError
+from shared.files import sha256_file
 
 log = logging.getLogger("gkd.learner")
 
@@ -75,7 +75,7 @@ def save(output_dir: str | Path, state: TrainState, adapter: dict[str, torch.Ten
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync(tmp / name)
-        manifest = {"format": FORMAT, "step": state.step, "files": {n: _sha256(tmp / n) for n in files}}
+        manifest = {"format": FORMAT, "step": state.step, "files": {n: sha256_file(tmp / n) for n in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
@@ -99,7 +99,7 @@ def verify(path: str | Path) -> bool:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        return manifest.get("format") == FORMAT and bool(files) and all(_sha256(path / n) == h for n, h in files.items())
+        return manifest.get("format") == FORMAT and bool(files) and all(sha256_file(path / n) == h for n, h in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -179,14 +179,6 @@ def _torch_bytes(obj: Any) -> bytes:
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
