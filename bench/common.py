@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,17 +24,38 @@ OUT = ROOT / "bench" / "out"
 PLOTS = ROOT / "bench" / "plots"
 DEMO = ROOT / "demo-output"
 
-# vLLM's CPU KV cache (GiB): the machine rule for every engine we start.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# OpenMP threads that spin while they wait for work are a cliff on a shared CPU: with more runnable
-# threads than cores (our server and learner together, or anything else running), a student+teacher
-# step took 64-88 s with torch's default (active) waiting and 9 s with passive waiting, measured on
-# this 2-core machine under load. Every process the benchmarks start, ours and the peer alike,
-# inherits this setting (set before torch is imported), so the comparison stays like for like.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def setup_process() -> None:
+    """Call first in every benchmark's main(), before torch or vLLM is imported.
+
+    - VLLM_CPU_KVCACHE_SPACE=1 (GiB): the machine rule for every engine we start.
+    - OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while they wait are a cliff on a shared CPU.
+      With more runnable threads than cores (our server and learner together, or anything else
+      running), a student+teacher step took 47-49 s with torch's default (active) waiting and 8-9 s
+      with passive waiting; alone, 5.4-6.2 s either way (measured on this 2-core machine). Every
+      process the benchmarks start, ours and the peer alike, inherits it, so the comparison stays
+      like for like.
+    - SIGTERM raises SystemExit: bench.run_all stops an overrunning section with SIGTERM, and the
+      section's `finally` blocks must then stop the servers and learners it started in their own
+      sessions (a signal to the section's process group does not reach them).
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 # ---------------------------------------------------------------- the embedded-default models
+
+
+def seconds_left(default: float = float("inf")) -> float:
+    """Seconds until the deadline bench.run_all gave this section (GKD_BENCH_DEADLINE), else `default`."""
+    deadline = os.environ.get("GKD_BENCH_DEADLINE")
+    return float(deadline) - time.time() if deadline else default
 
 
 def demo_paths(with_data: bool = True) -> dict[str, Path]:

@@ -43,6 +43,8 @@ from bench.common import (
     read_jsonl_complete,
     read_rows,
     rollout_server,
+    seconds_left,
+    setup_process,
     spawn,
     stop,
     table,
@@ -56,12 +58,13 @@ TARGET_GAP = 2.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget_s", type=float, default=180.0, help="training wall time per system, from its first step")
+    p.add_argument("--budget_s", type=float, default=150.0, help="training wall time per system, from its first step")
     p.add_argument("--trl_nogc_budget_s", type=float, default=60.0, help="extra TRL run without gradient checkpointing, throughput only (0: skip)")
     p.add_argument("--points", type=int, default=4, help="evaluated snapshots per system (plus the shared start)")
-    p.add_argument("--eval_prompts", type=int, default=32, help="held-out prompts per evaluation")
-    p.add_argument("--eval_budget_s", type=float, default=180.0, help="no new evaluation point starts after this long (end points go first)")
-    p.add_argument("--save_steps", type=int, default=5, help="our learner's checkpoint interval (steps)")
+    p.add_argument("--eval_prompts", type=int, default=32, help="held-out prompts (teacher-written text) the JSD is measured on")
+    p.add_argument("--sample_prompts", type=int, default=16, help="of those, prompts the student samples from for distinct-2")
+    p.add_argument("--eval_budget_s", type=float, default=150.0, help="no new evaluation point starts after this long (end points go first)")
+    p.add_argument("--save_steps", type=int, default=2, help="our learner's checkpoint interval (steps)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -210,10 +213,48 @@ def eval_order(ours: list[dict], trl: list[dict], args) -> list[tuple[str, dict 
     return order
 
 
-def evaluate_points(client, paths: dict, args, points: list[tuple[str, dict | None]]) -> list[dict]:
-    """Push each snapshot to the server, sample held-out prompts, score with learner.evaluate.
+class TeacherTextJSD:
+    """Generalized JSD of a student to the teacher on fixed teacher-written completions.
 
-    Stops starting new points once `--eval_budget_s` is spent (the order puts the essential first).
+    The same computation as learner.evaluate.divergences (collate, completion_logits,
+    token_divergences, token-weighted means), except that the teacher's logits, which never change,
+    are computed once for all evaluation points instead of once per point.
+    """
+
+    def __init__(self, teacher, prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, vocab: int, beta: float, batch_size: int = 8):
+        import torch
+
+        from learner.step import collate, completion_logits
+
+        self.vocab, self.beta = vocab, beta
+        self.batches = [b for i in range(0, len(prompts), batch_size)
+                        if (b := collate(prompts[i : i + batch_size], completions[i : i + batch_size], pad_id, 1024)) is not None]
+        with torch.no_grad():
+            self.teacher_logits = [completion_logits(teacher, b, vocab) for b in self.batches]
+
+    def __call__(self, student) -> dict[str, float]:
+        import torch
+
+        from learner.evaluate import token_divergences
+        from learner.step import completion_logits
+
+        sums: dict[str, float] = {}
+        n = 0
+        with torch.no_grad():
+            for batch, t_logits in zip(self.batches, self.teacher_logits):
+                s_logits = completion_logits(student, batch, self.vocab)
+                for row in range(batch.labels.shape[0]):
+                    for k, v in token_divergences(s_logits[row], t_logits[row], batch.labels[row], self.beta).items():
+                        sums[k] = sums.get(k, 0.0) + v.sum().item()
+                n += batch.n_tokens
+        return {k: v / n for k, v in sums.items()}
+
+
+def evaluate_points(client, paths: dict, args, points: list[tuple[str, dict | None]]) -> tuple[list[dict], int]:
+    """Push each snapshot to the server, sample held-out prompts, score against the teacher.
+
+    Stops starting new points once `--eval_budget_s` is spent (the order puts the essential first);
+    returns the results and how many points were left out.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -221,7 +262,7 @@ def evaluate_points(client, paths: dict, args, points: list[tuple[str, dict | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from learner.data import to_examples
-    from learner.evaluate import distinct_n, divergences
+    from learner.evaluate import distinct_n
     from learner.models import adapter_tensors, load_adapter_tensors, lora_spec
     from learner.sync import canary_ids, push_adapter
     from shared.messages import GenerateRequest, Prompt, SamplingSpec
@@ -238,30 +279,33 @@ def evaluate_points(client, paths: dict, args, points: list[tuple[str, dict | No
     examples, _ = to_examples(rows, "prompt_completion", tok, 1024 - args.max_new_tokens, 1024, "skip")
     prompts = [e.prompt_ids for e in examples]
     teacher_text = [e.completion_ids for e in examples]
+    jsd = TeacherTextJSD(teacher, prompts, teacher_text, pad_id=tok.pad_token_id, vocab=vocab, beta=args.beta)
+    del teacher
+    sample_prompts = prompts[: args.sample_prompts]
     canary, spec = canary_ids(tok), lora_spec(student)
     version = client.status(timeout_s=60).policy_version
     results, t_eval = [], time.perf_counter()
+    budget = min(args.eval_budget_s, seconds_left() - 60)  # run_all's deadline, if any, leaves a minute for the report
     for system, snap in points:
-        if time.perf_counter() - t_eval > args.eval_budget_s and len(results) >= 3:
-            print(f"eval budget of {args.eval_budget_s:.0f} s spent: {len(points) - len(results)} intermediate point(s) left out", flush=True)
+        if time.perf_counter() - t_eval > budget and len(results) >= 3:
+            print(f"eval budget of {budget:.0f} s spent: {len(points) - len(results)} intermediate point(s) left out", flush=True)
             break
         t = time.perf_counter()
         load_adapter_tensors(student, initial if snap is None else load_file(str(Path(snap["path"]) / "adapter_model.safetensors")))
         version += 1
         push = push_adapter(client, student, spec, version, canary, torch.device("cpu"), torch.float32, timeout_s=600)
-        req = GenerateRequest(request_id=f"eval-{version}", prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(prompts)],
+        req = GenerateRequest(request_id=f"eval-{version}", prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(sample_prompts)],
                               sampling=SamplingSpec(temperature=args.temperature, top_k=0, max_new_tokens=args.max_new_tokens, seed=1234), min_version=version)
         samples = [c.token_ids for c in client.generate(req, timeout_s=600).completions]
-        div = divergences(student, teacher, prompts, teacher_text, beta=args.beta, vocab=vocab, pad_id=tok.pad_token_id, max_length=1024,
-                          batch_size=8, device=torch.device("cpu"))
+        div = jsd(student)
         figures = {"eval/teacher_text/jsd": div["jsd"], "eval/teacher_text/kl_fwd": div["kl_fwd"], "eval/teacher_text/student_nll": div["student_nll"],
                    "eval/student/distinct2": distinct_n(samples), "eval/student/length": sum(map(len, samples)) / len(samples),
-                   "eval/teacher_text/distinct2": distinct_n(teacher_text)}
+                   "eval/teacher_text/distinct2": distinct_n(teacher_text[: args.sample_prompts])}
         results.append({"system": system, "t": 0.0 if snap is None else snap["t"], "step": 0 if snap is None else snap["step"],
                         "canary_max_abs": push.canary_max_abs, "eval_s": time.perf_counter() - t, **figures})
         print(f"eval {system} step {results[-1]['step']} t={results[-1]['t']:.0f}s: JSD(teacher text) {figures['eval/teacher_text/jsd']:.4f}, "
               f"distinct-2 {figures['eval/student/distinct2']:.3f} ({results[-1]['eval_s']:.0f} s)", flush=True)
-    return results
+    return results, len(points) - len(results)
 
 
 def interp(curve: list[tuple[float, float]], t: float) -> float:
@@ -282,7 +326,8 @@ def throughput(run: dict) -> dict:
     steps = run["steps"]
     secs = [s["seconds"] for s in steps]
     tokens = sum(s["tokens"] for s in steps)
-    return {"steps": len(steps), "tokens": tokens, "train_s": sum(secs), "tokens_per_s": tokens / sum(secs) if secs else 0.0,
+    last_t = max((s["t"] for s in steps if s.get("t") is not None), default=0.0)
+    return {"steps": len(steps), "tokens": tokens, "train_s": sum(secs), "last_step_end_s": last_t, "tokens_per_s": tokens / sum(secs) if secs else 0.0,
             "s_per_step_median": median(secs), "s_per_step_mean": sum(secs) / len(secs) if secs else float("nan")}
 
 
@@ -320,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = build_parser().parse_args(argv)
+    setup_process()
     paths = demo_paths(with_data=True)
     work = Path(tempfile.mkdtemp(prefix="gkd-bench-e2e-"))
     server = None
@@ -338,13 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== TRL without gradient checkpointing (throughput only): {args.trl_nogc_budget_s:.0f} s", flush=True)
             trl_nogc = run_trl(paths, args, work, gc=False, budget_s=args.trl_nogc_budget_s, snap_every_s=0)
         print("== held-out evaluation of the snapshots", flush=True)
-        evals = evaluate_points(server.client, paths, args, eval_order(ours["snapshots"], trl["snapshots"], args))
+        evals, left_out = evaluate_points(server.client, paths, args, eval_order(ours["snapshots"], trl["snapshots"], args))
         evals.sort(key=lambda e: (["start", "ours", "trl"].index(e["system"]), e["t"]))
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     report = summarize(args, ours, trl, trl_nogc, evals)
+    report["eval_points_left_out"] = left_out
     png = PLOTS / "e2e_divergence.png"
     plot(evals, png, args.budget_s)
     report["plot"] = str(png.relative_to(png.parents[2]))
@@ -386,15 +433,15 @@ def markdown(r: dict, args) -> str:
     tp = r["throughput"]
     GB = 1e9
     rows = [
-        ["ours (server + learner)", tp["ours"]["steps"], f"{tp['ours']['tokens']:.0f}", tp["ours"]["tokens_per_s"], tp["ours"]["s_per_step_median"],
+        ["ours (server + learner)", f"{tp['ours']['last_step_end_s']:.0f}", tp["ours"]["steps"], f"{tp['ours']['tokens']:.0f}", tp["ours"]["tokens_per_s"], tp["ours"]["s_per_step_median"],
          f"{tp['ours']['setup_s']:.0f} s (engine {r['ours_run']['engine_start_s']:.0f} s)",
          f"learner {r['memory']['ours_learner_peak_rss'] / GB:.1f} + server {r['memory']['ours_server_peak_rss'] / GB:.1f} GB"],
-        ["TRL GKDTrainer, gradient checkpointing (seed)", tp["trl"]["steps"], f"{tp['trl']['tokens']:.0f}", tp["trl"]["tokens_per_s"], tp["trl"]["s_per_step_median"],
+        ["TRL GKDTrainer, gradient checkpointing (seed)", f"{tp['trl']['last_step_end_s']:.0f}", tp["trl"]["steps"], f"{tp['trl']['tokens']:.0f}", tp["trl"]["tokens_per_s"], tp["trl"]["s_per_step_median"],
          f"{tp['trl']['setup_s']:.0f} s", f"{r['memory']['trl_peak_rss'] / GB:.1f} GB"],
     ]
     if "trl_nogc" in tp:
         n = tp["trl_nogc"]
-        rows.append(["TRL GKDTrainer, no gradient checkpointing (throughput only)", n["steps"], f"{n['tokens']:.0f}", n["tokens_per_s"], n["s_per_step_median"],
+        rows.append(["TRL GKDTrainer, no gradient checkpointing (throughput only)", f"{n['last_step_end_s']:.0f}", n["steps"], f"{n['tokens']:.0f}", n["tokens_per_s"], n["s_per_step_median"],
                      "-", f"{r['trl_nogc_run']['peak_rss_bytes'] / GB:.1f} GB"])
     (met_tok, line_tok), (met_step, line_step), (met_gap, line_gap) = [(t["met"], t["line"]) for t in r["targets"]]
     ev_rows = [[e["system"], e["step"], f"{e['t']:.0f}", e["eval/teacher_text/jsd"], e["eval/teacher_text/student_nll"], e["eval/student/distinct2"], e["eval/student/length"]]
@@ -406,9 +453,10 @@ def markdown(r: dict, args) -> str:
         f"with teacher-written completions. Same settings on both sides: batch {s['batch']}, gradient accumulation {s['accum']}, learning rate "
         f"{s['lr']} (constant), lmbda {s['lmbda']}, beta {s['beta']}, temperature {s['temperature']}, max_new_tokens {s['max_new_tokens']}, "
         f"LoRA r={s['lora_r']} alpha={s['lora_alpha']} dropout 0.05 on all linear projections, gradient checkpointing on, loss temperature 1 "
-        f"(TRL's). Each system trained for **{s['budget_s']:.0f} s of wall time from its first step**. Shrunk from the seed command "
+        f"(TRL's). Each system trained for **{s['budget_s']:.0f} s of wall time from its first step** (ours is stopped at the budget; TRL stops at the "
+        f"step boundary nearest to it, as its steps are long). Shrunk from the seed command "
         f"(batch 4 x accumulation 8, max_new_tokens 128, r=64/alpha=16, 1 epoch) so both runs and the evaluation fit in `make bench`'s 30 minutes.\n",
-        table(["system", "optimizer steps", "tokens trained", "tokens/s", "s/step (median)", "start-up", "peak RSS"], rows),
+        table(["system", "last step ended at (s)", "optimizer steps", "tokens trained", "tokens/s", "s/step (median)", "start-up", "peak RSS"], rows),
         f"- {line_tok}",
         f"- {line_step}",
     ]
@@ -433,8 +481,9 @@ def markdown(r: dict, args) -> str:
     per_step = {k: r["gap_closed"][k] / max(1, r["steps_by_t_common"][k]) for k in ("ours", "trl")}
     md += [
         f"\n![held-out divergence against wall time]({r['plot']})\n",
-        f"Held-out evaluation ({args.eval_prompts} held-out prompts, never trained on; every snapshot pushed to one rollout server, its canary "
-        f"checked, and sampled with the same seed; scored by `learner.evaluate.divergences` / `distinct_n`; per completion token):\n",
+        f"Held-out evaluation (never trained on): JSD per completion token on the teacher-written answers to {args.eval_prompts} held-out "
+        f"prompts (learner.evaluate's token_divergences); distinct-2 of the student's samples for the first {args.sample_prompts} of them. "
+        "Every snapshot of both systems was pushed to one rollout server (canary checked) and sampled with the same seed:\n",
         table(["system", "step", "t (s)", "JSD on teacher text", "student NLL of teacher text", "distinct-2 (samples)", "mean sample length"], ev_rows),
         f"- start: JSD {r['jsd_start']:.4f} on teacher-written text; the teacher's own text has distinct-2 "
         f"{r['evals'][0]['eval/teacher_text/distinct2']:.3f}",
@@ -444,6 +493,9 @@ def markdown(r: dict, args) -> str:
         f"{r['steps_by_t_common']['trl']} steps; per optimizer step: ours {per_step['ours']:.4f}, TRL {per_step['trl']:.4f}",
         f"- {line_gap}",
     ]
+    if r.get("eval_points_left_out"):
+        md.append(f"- {r['eval_points_left_out']} intermediate snapshot(s) were not evaluated: the evaluation's time budget was spent "
+                  "(the start and both end points always are)")
     if not (met_tok and met_step):
         md.append("- speed target not met: the split above shows where the time goes. On these 2 shared cores the server's sampling and "
                   "the learner's forward/backward run at the same time on the same cores, so overlapping them buys less than on separate "

@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--worker", choices=["ours", "trl", "copy"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from bench.common import setup_process  # same process settings as every other section (OMP_WAIT_POLICY, SIGTERM)
+
+    setup_process()
     if args.worker:
         result = _worker_copy() if args.worker == "copy" else _worker_loss(args.worker, args.n, args.v, args.reps, args.beta)
         print(json.dumps(result))

@@ -4,7 +4,8 @@
     python -m bench.rollout --max_new_tokens 128 --reps 3
 
 Same model directory, same 32 chat-templated prompts, same sampling (temperature 0.9, top_k off,
-top_p 1) and the same dtype (fp32, what the server serves on CPU by default) on both sides.
+top_p 1) and the same dtype on both sides: float32 (what the server serves on CPU by default), then
+bfloat16 (`--dtype bfloat16`), each pair measured one after the other.
 
 - ours: `gkd-rollout-server` as a child process, one GenerateRequest of all prompts over ZeroMQ,
   timed at the client (so transport and decoding of the reply are included); after one warm-up.
@@ -24,15 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import OUT, chat_ids, demo_paths, load_note, median, prompt_texts, rollout_server, table, target, write_result
+from bench.common import OUT, chat_ids, setup_process, demo_paths, load_note, median, prompt_texts, rollout_server, seconds_left, table, target, write_result
 
 TARGET = 3.0
 
 
-def server_rate(model: Path, prompts: list[list[int]], args) -> dict:
+def server_rate(model: Path, prompts: list[list[int]], args, dtype: str) -> dict:
     from shared.messages import GenerateRequest, Prompt, SamplingSpec
 
-    server = rollout_server(model, OUT / "logs" / "rollout-server.log", dtype=args.dtype)
+    server = rollout_server(model, OUT / "logs" / f"rollout-server-{dtype}.log", dtype=dtype)
     t0 = time.perf_counter()
     try:
         client = server.wait_ready()
@@ -51,15 +52,15 @@ def server_rate(model: Path, prompts: list[list[int]], args) -> dict:
     finally:
         server.stop()
     rates = [n / w for n, w, _ in reps]
-    return {"engine_start_s": start_s, "reps": [{"tokens": n, "wall_s": w, "server_generate_s": g} for n, w, g in reps],
+    return {"dtype": dtype, "engine_start_s": start_s, "reps": [{"tokens": n, "wall_s": w, "server_generate_s": g} for n, w, g in reps],
             "tokens_per_s": median(rates), "tokens_per_s_all": rates}
 
 
-def hf_rate(model_dir: Path, prompts: list[list[int]], pad_id: int, eos_id: int, args, batch: int, use_cache: bool, n_prompts: int, reps: int) -> dict:
+def hf_rate(model_dir: Path, prompts: list[list[int]], pad_id: int, eos_id: int, args, dtype: str, batch: int, use_cache: bool, n_prompts: int, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=True, top_k=0, top_p=1.0,
                            use_cache=use_cache, pad_token_id=pad_id, eos_token_id=eos_id)
     torch.manual_seed(args.seed)
@@ -79,7 +80,7 @@ def hf_rate(model_dir: Path, prompts: list[list[int]], pad_id: int, eos_id: int,
     run(prompts[:2], GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
     results = [run(prompts[:n_prompts], gen) for _ in range(reps)]
     rates = [n / w for n, w in results]
-    return {"batch": batch, "use_cache": use_cache, "prompts": n_prompts, "reps": [{"tokens": n, "wall_s": w} for n, w in results],
+    return {"dtype": dtype, "batch": batch, "use_cache": use_cache, "prompts": n_prompts, "reps": [{"tokens": n, "wall_s": w} for n, w in results],
             "tokens_per_s": median(rates), "tokens_per_s_all": rates}
 
 
@@ -94,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--reps", type=int, default=3, help="timed server repetitions")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtype pairs to compare (both sides in the same dtype); the first is the headline")
+    p.add_argument("--reps", type=int, default=2, help="timed server repetitions")
     p.add_argument("--hf_reps", type=int, default=1, help="timed HF repetitions (each takes ~40 s at 64 tokens)")
     p.add_argument("--trl_batch", type=int, default=4, help="TRL's per-device batch for the TRL-style HF run")
-    p.add_argument("--trl_prompts", type=int, default=8, help="prompts for the TRL-style (no KV cache) run")
+    p.add_argument("--trl_prompts", type=int, default=4, help="prompts for the TRL-style (no KV cache, first dtype) run; ~15 s per prompt")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    setup_process()
 
     from transformers import AutoTokenizer
 
@@ -109,44 +111,59 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [chat_ids(tok, t) for t in prompt_texts(args.prompts)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    ours = server_rate(model, prompts, args)
-    print(f"ours: {ours['tokens_per_s']:.1f} tokens/s (engine start {ours['engine_start_s']:.0f} s)", flush=True)
-    hf = hf_rate(model, prompts, pad, tok.eos_token_id, args, batch=len(prompts), use_cache=True, n_prompts=len(prompts), reps=args.hf_reps)
-    print(f"HF generate, one batch, KV cache: {hf['tokens_per_s']:.1f} tokens/s", flush=True)
-    trl = hf_rate(model, prompts, pad, tok.eos_token_id, args, batch=args.trl_batch, use_cache=False, n_prompts=args.trl_prompts, reps=1)
-    print(f"HF generate as TRL runs it (batch {args.trl_batch}, no KV cache): {trl['tokens_per_s']:.1f} tokens/s", flush=True)
-
-    ratio, ratio_trl = ours["tokens_per_s"] / hf["tokens_per_s"], ours["tokens_per_s"] / trl["tokens_per_s"]
-    print(f"ratio ours / HF best case: {ratio:.2f}x; ours / HF as TRL runs it: {ratio_trl:.2f}x")
-    targets = [target("rollout tokens/s, ours / HF `generate` (its best case: one batch, KV cache)", ratio, TARGET)]
-    write_result("rollout", {"settings": vars(args), "model_dir": str(model), "ours": ours, "hf_batched": hf, "hf_trl_style": trl,
-                             "ratio_vs_hf_batched": ratio, "ratio_vs_hf_trl_style": ratio_trl, "targets": targets},
-                 _markdown(args, model, ours, hf, trl, ratio_trl, targets[0]))
+    pairs, trl = [], None
+    for i, dtype in enumerate(args.dtypes.split(",")):
+        if i and seconds_left() < 150:  # under bench.run_all: an extra dtype that would not fit is left out
+            print(f"time budget: the {dtype} pair is not run", flush=True)
+            break
+        ours = server_rate(model, prompts, args, dtype)
+        print(f"ours, {dtype}: {ours['tokens_per_s']:.1f} tokens/s (engine start {ours['engine_start_s']:.0f} s)", flush=True)
+        hf = hf_rate(model, prompts, pad, tok.eos_token_id, args, dtype, batch=len(prompts), use_cache=True, n_prompts=len(prompts), reps=args.hf_reps)
+        print(f"HF generate, {dtype}, one batch, KV cache: {hf['tokens_per_s']:.1f} tokens/s", flush=True)
+        if i == 0 and args.trl_prompts > 0:
+            trl = hf_rate(model, prompts, pad, tok.eos_token_id, args, dtype, batch=args.trl_batch, use_cache=False, n_prompts=args.trl_prompts, reps=1)
+            print(f"HF generate as TRL runs it ({dtype}, batch {args.trl_batch}, no KV cache): {trl['tokens_per_s']:.1f} tokens/s", flush=True)
+        pairs.append({"dtype": dtype, "ours": ours, "hf_batched": hf, "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]})
+    targets = [target(f"rollout tokens/s, ours / HF `generate` (its best case: one batch, KV cache), both {pr['dtype']}", pr["ratio"], TARGET)
+               for pr in pairs]
+    ratio_trl = pairs[0]["ours"]["tokens_per_s"] / trl["tokens_per_s"] if trl else None
+    for t in targets:
+        print(t["line"].replace("**", ""))
+    write_result("rollout", {"settings": vars(args), "model_dir": str(model), "pairs": pairs, "hf_trl_style": trl,
+                             "ratio_vs_hf_trl_style": ratio_trl, "targets": targets}, _markdown(args, model, pairs, trl, ratio_trl, targets))
     return 0
 
 
-def _markdown(args, model: Path, ours: dict, hf: dict, trl: dict, ratio_trl: float, tgt: dict) -> str:
-    met, line = tgt["met"], tgt["line"]
-    rows = [
-        ["ours: gkd-rollout-server (vLLM, in-place engine) over ZeroMQ", f"{args.prompts} in one request", ours["reps"][0]["tokens"], median([r["wall_s"] for r in ours["reps"]]), ours["tokens_per_s"], len(ours["reps"])],
-        ["HF generate, one batch, KV cache", f"{hf['prompts']} in one batch", hf["reps"][0]["tokens"], median([r["wall_s"] for r in hf["reps"]]), hf["tokens_per_s"], len(hf["reps"])],
-        [f"HF generate as TRL's GKDTrainer runs it (batch {trl['batch']}, use_cache=False under --gradient_checkpointing)", f"first {trl['prompts']}", trl["reps"][0]["tokens"], trl["reps"][0]["wall_s"], trl["tokens_per_s"], 1],
-    ]
+def _markdown(args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl: float | None, targets: list[dict]) -> str:
+    rows = []
+    for pr in pairs:
+        o, h = pr["ours"], pr["hf_batched"]
+        rows.append([f"ours: gkd-rollout-server (vLLM) over ZeroMQ, {pr['dtype']}", f"{args.prompts} in one request", o["reps"][0]["tokens"],
+                     median([r["wall_s"] for r in o["reps"]]), o["tokens_per_s"], len(o["reps"])])
+        rows.append([f"HF generate, {pr['dtype']}, one batch, KV cache", f"{h['prompts']} in one batch", h["reps"][0]["tokens"],
+                     median([r["wall_s"] for r in h["reps"]]), h["tokens_per_s"], len(h["reps"])])
+    if trl:
+        rows.append([f"HF generate as TRL's GKDTrainer runs it in the seed command ({trl['dtype']}, batch {trl['batch']}, use_cache=False "
+                     "under --gradient_checkpointing)", f"first {trl['prompts']}", trl["reps"][0]["tokens"], trl["reps"][0]["wall_s"], trl["tokens_per_s"], 1])
     md = [
         "## 2. Rollouts: server tokens/s against HF `generate`\n",
-        f"Model: {model.name} (SmolLM2-135M-Instruct{' teacher' if args.model == 'teacher' else ', pruned student'}), {args.dtype} on both sides; "
-        f"{args.prompts} demo prompts (chat template), temperature {args.temperature}, top_k off, top_p 1, max_new_tokens {args.max_new_tokens}. "
-        "Tokens are real completion tokens up to EOS; times are wall clock after a warm-up; figures are medians over the repetitions.\n",
+        f"Model: SmolLM2-135M-Instruct ({'the teacher' if args.model == 'teacher' else 'the pruned student'}, demo-output/{model.name}), the same dtype "
+        f"on both sides of each pair; {args.prompts} demo prompts (chat template), temperature {args.temperature}, top_k off, top_p 1, "
+        f"max_new_tokens {args.max_new_tokens}. Tokens are real completion tokens up to EOS; times are wall clock after a warm-up; the server "
+        f"figure is the median of {args.reps} requests. The server serves float32 on CPU by default (its canary then matches the fp32 "
+        "learner exactly); bfloat16 is its `--dtype bfloat16`.\n",
         table(["system", "prompts", "tokens (1st rep)", "seconds", "tokens/s", "reps"], rows),
-        f"- {line}",
-        f"- ours / HF as TRL's GKDTrainer actually samples in the seed command: **{ratio_trl:.1f}x**",
-        f"- server engine start (not in the rate): {ours['engine_start_s']:.0f} s; every rate: ours {', '.join(f'{r:.0f}' for r in ours['tokens_per_s_all'])} tokens/s",
+        *[f"- {t['line']}" for t in targets],
     ]
-    if not met:
-        md.append("- Why not met, and what would move it: on 2 cores both sides spend the time in the same fp32 matrix multiplies, "
-                  "and the sampled batch is small; vLLM's advantages (continuous batching, paged KV cache, no padding steps) grow with "
-                  "the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests queued) "
-                  "or a GPU move the ratio.")
+    if ratio_trl:
+        md.append(f"- ours ({pairs[0]['dtype']}) / HF as TRL's GKDTrainer actually samples in the seed command: **{ratio_trl:.1f}x**")
+    md.append("- server engine starts (not in the rates): " + ", ".join(f"{pr['dtype']} {pr['ours']['engine_start_s']:.0f} s" for pr in pairs)
+              + "; every server rate: " + "; ".join(f"{pr['dtype']} " + ", ".join(f"{r:.0f}" for r in pr["ours"]["tokens_per_s_all"]) for pr in pairs))
+    if not all(t["met"] for t in targets):
+        md.append("- Where not met, why and what would move it: with 32 sequences on 2 cores both sides spend their time in the same "
+                  "matrix multiplies; vLLM's advantages (continuous batching, paged KV cache, no padding steps after a sequence ends) grow "
+                  "with the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests "
+                  "queued) or a GPU move the ratio; the dtype rows show how much the kernels' precision moves it on this CPU.")
     md.append(f"- {load_note()}")
     return "\n".join(md) + "\n"
 

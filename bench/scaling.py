@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import OUT, PeakRss, demo_paths, load_note, log_tail, median, read_jsonl_complete, rollout_server, spawn, stop, table, write_result
+from bench.common import OUT, PeakRss, demo_paths, load_note, log_tail, median, read_jsonl_complete, rollout_server, seconds_left, setup_process, spawn, stop, table, write_result
 from bench.end_to_end import build_parser as e2e_parser
 from bench.end_to_end import learner_cmd
 
@@ -98,15 +98,16 @@ def linear_fit(x: list[float], y: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = e2e_parser()  # the end-to-end settings (LoRA, lr, beta, ...), so both sections train alike
     p.description = __doc__.splitlines()[0]
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the time per step")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="first steps left out of the time per step")
     p.add_argument("--tokens", default="64,128,256", help="max_new_tokens series (at --base_batch)")
     p.add_argument("--batches", default="2,4,8", help="batch-size series (at --base_tokens)")
     p.add_argument("--base_batch", type=int, default=4)
     p.add_argument("--base_tokens", type=int, default=64)
     p.add_argument("--timeout_s", type=float, default=600.0, help="per configuration")
-    p.add_argument("--section_budget_s", type=float, default=360.0, help="no new configuration starts after this long")
+    p.add_argument("--section_budget_s", type=float, default=420.0, help="no configuration starts that would end after this long")
     args = p.parse_args(argv)
+    setup_process()
     paths = demo_paths(with_data=True)
     tokens = [int(x) for x in args.tokens.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -118,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.wait_ready()
         speak = PeakRss(server.proc.pid)
-        t_section = time.time()
+        t_section, last = time.time(), None
         for batch, n in configs:
-            if time.time() - t_section > args.section_budget_s:
-                print(f"section budget of {args.section_budget_s:.0f} s spent: batch {batch} x {n} tokens not run", flush=True)
+            # Configurations grow by at most 2x in work; one predicted to overrun is left out (and said so).
+            need = 0.0 if last is None else last["wall_s"] * (batch * n) / (last["batch"] * last["max_new_tokens"])
+            left = min(args.section_budget_s - (time.time() - t_section), seconds_left() - 20)
+            if left < need or left <= 0:
+                print(f"time budget: batch {batch} x {n} tokens not run ({left:.0f} s left, ~{need:.0f} s needed)", flush=True)
                 continue
-            results[(batch, n)] = run_config(paths, args, server.url, batch, n, work)
+            last = results[(batch, n)] = run_config(paths, args, server.url, batch, n, work)
         server_peak = speak.sample()
     finally:
         server.stop()

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import OUT, chat_ids, demo_paths, dir_bytes, load_note, median, pct, prompt_texts, rollout_server, table, target, write_result
+from bench.common import OUT, chat_ids, setup_process, demo_paths, dir_bytes, load_note, median, pct, prompt_texts, rollout_server, table, target, write_result
 
 TARGET_P50_S = 1.0
 
@@ -138,15 +138,16 @@ def restart_mode(student: Path, peft, tok, last: dict, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["student", "teacher"], default="student")
-    p.add_argument("--pushes", type=int, default=10, help="timed pushes per mode")
+    p.add_argument("--pushes", type=int, default=10, help="timed pushes per mode (about 1 s each)")
     p.add_argument("--warmup", type=int, default=1, help="first pushes per mode left out of p50/p95 (still reported)")
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--lora_alpha", type=int, default=32)
-    p.add_argument("--decode_tokens", type=int, default=64, help="after the pushes, decode 32 prompts x this many tokens (0: skip)")
+    p.add_argument("--decode_tokens", type=int, default=32, help="after the pushes, decode 32 prompts x this many tokens (0: skip)")
     p.add_argument("--modes", default="merged,lora,restart")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    setup_process()
     modes = args.modes.split(",")
 
     student = demo_paths(with_data=False)[args.model]

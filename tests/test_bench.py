@@ -81,3 +81,27 @@ def test_eval_order_puts_the_start_and_both_end_points_first():
     assert order[0] == ("start", None)
     assert order[1] == ("ours", ours[-1]) and order[2] == ("trl", trl[-1])
     assert len(order) == 1 + 3 + 3 and len({(s, id(p)) for s, p in order}) == len(order)
+
+
+def test_teacher_text_jsd_matches_the_learners_divergences(tiny_models, tiny_dataset):
+    """The benchmark caches the teacher's logits; the figures must equal learner.evaluate's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.end_to_end import TeacherTextJSD
+    from bench.common import read_rows
+    from learner.data import to_examples
+    from learner.evaluate import divergences
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models.student))
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models.student), dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_models.teacher), dtype=torch.float32).eval()
+    vocab = student.get_output_embeddings().weight.shape[0]
+    examples, _ = to_examples(read_rows(tiny_dataset)[:10], "prompt_completion", tok, 200, 256, "skip")
+    prompts, comps = [e.prompt_ids for e in examples], [e.completion_ids for e in examples]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ours = TeacherTextJSD(teacher, prompts, comps, pad_id=pad, vocab=vocab, beta=0.5, batch_size=4)(student)
+    ref = divergences(student, teacher, prompts, comps, beta=0.5, vocab=vocab, pad_id=pad, max_length=1024, batch_size=4, device=torch.device("cpu"))
+    assert ours["jsd"] > 0
+    for k in ("jsd", "kl_fwd", "student_nll"):
+        assert math.isclose(ours[k], ref[k], rel_tol=1e-5), k
