@@ -160,7 +160,7 @@ def _markdown(args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl:
     md.append("- server engine starts (not in the rates): " + ", ".join(f"{pr['dtype']} {pr['ours']['engine_start_s']:.0f} s" for pr in pairs)
               + "; every server rate: " + "; ".join(f"{pr['dtype']} " + ", ".join(f"{r:.0f}" for r in pr["ours"]["tokens_per_s_all"]) for pr in pairs))
     if not all(t["met"] for t in targets):
-        md.append("- Where not met, why and what would move it: with 32 sequences on 2 cores both sides spend their time in the same "
+        md.append(f"- Where not met, why and what would move it: with {args.prompts} sequences on 2 cores both sides spend their time in the same "
                   "matrix multiplies; vLLM's advantages (continuous batching, paged KV cache, no padding steps after a sequence ends) grow "
                   "with the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests "
                   "queued) or a GPU move the ratio; the dtype rows show how much the kernels' precision moves it on this CPU.")

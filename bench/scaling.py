@@ -74,10 +74,11 @@ def verdict(series: list[dict], key: str) -> list[str]:
                      f"time per trained token x{f / ft:.2f}; learner peak RSS x{fm:.2f}")
     fixed, per_token, worst = linear_fit([r["tokens_per_step"] for r in series], [r["s_per_step"] for r in series])
     if fixed == fixed:
-        shape = "fits a straight line" if worst <= 0.15 else "is NOT a straight line"
+        shape = ("two points, so the line is exact" if len(series) == 2 else
+                 f"fits a straight line: worst point {100 * worst:.0f}% off" if worst <= 0.15 else f"is NOT a straight line: worst point {100 * worst:.0f}% off")
         push = median([r["push_s"] for r in series])
         lines.append(f"fit over the series: time per step = {fixed:.2f} s + {per_token * 1e3:.1f} ms x tokens trained per step "
-                     f"({shape}: worst point {100 * worst:.0f}% off); the intercept is the per-step cost that does not shrink with the work "
+                     f"({shape}); the intercept is the per-step cost that does not shrink with the work "
                      f"(the adapter push with its canary alone: median {push:.2f} s per step)")
     return lines
 
