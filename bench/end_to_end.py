@@ -32,11 +32,13 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    DEMO,
     OUT,
     PLOTS,
     PeakRss,
     cpu_seconds,
     demo_paths,
+    layers,
     load_note,
     log_tail,
     median,
@@ -449,7 +451,7 @@ def markdown(r: dict, args) -> str:
     s = r["settings"]
     md = [
         "## 1. End to end: ours against TRL's GKDTrainer\n",
-        f"Teacher SmolLM2-135M-Instruct (30 layers), student its 25-layer pruned copy (demo-output/), both fp32 on CPU; data: the demo prompts "
+        f"Teacher SmolLM2-135M-Instruct ({layers(DEMO / 'teacher')} layers), student its {layers(DEMO / 'student-initial')}-layer pruned copy (demo-output/), both fp32 on CPU; data: the demo prompts "
         f"with teacher-written completions. Same settings on both sides: batch {s['batch']}, gradient accumulation {s['accum']}, learning rate "
         f"{s['lr']} (constant), lmbda {s['lmbda']}, beta {s['beta']}, temperature {s['temperature']}, max_new_tokens {s['max_new_tokens']}, "
         f"LoRA r={s['lora_r']} alpha={s['lora_alpha']} dropout 0.05 on all linear projections, gradient checkpointing on, loss temperature 1 "

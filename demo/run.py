@@ -27,7 +27,7 @@ CHAT_QUESTION = "Explain in two sentences why we need to sleep."
 QUICK_ENV = "GKD_DEMO_QUICK"
 # The shortened run (`--quick`, or GKD_DEMO_QUICK=1): what tests/test_demo.py runs when there is no
 # finished `make demo` to read. Same model, data and settings; fewer steps and evaluations.
-QUICK_OVERRIDES = ["--max_steps", "40", "--eval_steps", "40", "--eval_samples", "24"]
+QUICK_OVERRIDES = ["--max_steps", "15", "--eval_steps", "15", "--eval_samples", "24"]
 
 
 class StageFailed(RuntimeError):
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     root = Path(args.out)
+    # Server and learner share two cores: OpenMP threads that spin while waiting (torch's default)
+    # steal them from the other process (measured in bench.common.setup_process: a step 47-49 s vs
+    # 8-9 s with passive waiting). Every process the demo starts inherits this.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = run(root, Path(args.config), quick=args.quick, drop_every=args.drop_every, learner_args=args.learner_args)
     except StageFailed as e:
