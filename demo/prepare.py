@@ -229,11 +229,12 @@ class DataSettings:
     max_new_tokens: int = 64  # cap on a teacher-written completion (as the student's rollouts)
     temperature: float = 0.9  # the seed's sampling temperature, as for the student's samples
     seed: int = 1234  # prompt i is sampled with seed + i
-    # The server's dtype while it writes them: bf16 decodes ~2.5x faster than fp32 on this CPU class
-    # (measured-facts.md: 250-295 vs ~110 tokens/s), which keeps `make demo` in its 20 minutes. The
-    # text is still the teacher's (bf16 only rounds its logits); every figure is scored in fp32.
-    dtype: str = "bfloat16"
-    batch: int = 64  # prompts per request (vLLM decodes up to max_num_seqs=64 together)
+    # The server's dtype while it writes them. fp32: on a CPU without AVX-512 bf16 (this machine's
+    # EPYC) vLLM's bf16 decode was ~10x SLOWER (64 of 380 prompts in 4 min, against all in ~4 min).
+    dtype: str = "float32"
+    # Prompts per request. vLLM decodes up to max_num_seqs=64 together and refills the batch as
+    # sequences end, but only within a request: bigger requests mean fewer half-empty tails.
+    batch: int = 128
     # The teacher's own reference samples on the held-out prompts, drawn exactly like the learner's
     # evaluation draws the student's (same cap, temperature and seed), for the report's teacher column.
     eval_max_new_tokens: int = 64

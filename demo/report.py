@@ -272,7 +272,7 @@ def render(summary: dict[str, Any], plots: list[str]) -> str:
     out += [
         "",
         "The teacher's column: its JSD/KL to itself is 0; its NLL and distinct-2 are of its own samples, drawn like the "
-        "student's (same prompts, temperature, length cap and seed; the teacher sampled on a bf16 server, the student on an fp32 one; all figures scored in fp32).",
+        "student's (same prompts, temperature, length cap and seed).",
         "",
         "## Curves",
         "",
