@@ -164,7 +164,8 @@ def _markdown(args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl:
         md.append(f"- Where not met, why and what would move it: with {args.prompts} sequences on 2 cores both sides spend their time in the same "
                   "matrix multiplies; vLLM's advantages (continuous batching, paged KV cache, no padding steps after a sequence ends) grow "
                   "with the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests "
-                  "queued) or a GPU move the ratio; the dtype rows show how much the kernels' precision moves it on this CPU.")
+                  "queued) or a GPU move the ratio. Lower precision does not help on this CPU: it has no AVX-512 bf16, and vLLM's bf16 decode "
+                  "was ~4x slower than fp32 here (demo.prepare's first request: 64 prompts in 254 s in bf16, 128 in 125 s in fp32) (`--dtypes float32,bfloat16` measures the pair).")
     md.append(f"- {load_note()}")
     return "\n".join(md) + "\n"
 

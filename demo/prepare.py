@@ -230,7 +230,7 @@ class DataSettings:
     temperature: float = 0.9  # the seed's sampling temperature, as for the student's samples
     seed: int = 1234  # prompt i is sampled with seed + i
     # The server's dtype while it writes them. fp32: on a CPU without AVX-512 bf16 (this machine's
-    # EPYC) vLLM's bf16 decode was ~10x SLOWER (64 of 380 prompts in 4 min, against all in ~4 min).
+    # EPYC) vLLM's bf16 decode was ~4x SLOWER (first request: 64 prompts in 254 s; fp32: 128 in 125 s).
     dtype: str = "float32"
     # Prompts per request. vLLM decodes up to max_num_seqs=64 together and refills the batch as
     # sequences end, but only within a request: bigger requests mean fewer half-empty tails.
