@@ -69,6 +69,20 @@ def demo_paths(with_data: bool = True) -> dict[str, Path]:
     return paths
 
 
+def add_run_settings(p) -> None:
+    """The training settings both systems of the end-to-end benchmark share (one definition, so
+    ours and TRL's GKDTrainer cannot drift apart in their defaults)."""
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=int, default=32)
+    p.add_argument("--lmbda", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+
+
 def layers(model_dir: Path) -> int:
     """num_hidden_layers of a prepared model directory (the pruned student's depth follows prepare's default)."""
     return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])

@@ -36,6 +36,7 @@ from bench.common import (
     OUT,
     PLOTS,
     PeakRss,
+    add_run_settings,
     cpu_seconds,
     demo_paths,
     layers,
@@ -67,15 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_prompts", type=int, default=16, help="of those, prompts the student samples from for distinct-2")
     p.add_argument("--eval_budget_s", type=float, default=150.0, help="no new evaluation point starts after this long (end points go first)")
     p.add_argument("--save_steps", type=int, default=2, help="our learner's checkpoint interval (steps)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=int, default=32)
-    p.add_argument("--lmbda", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    add_run_settings(p)
     p.add_argument("--seed", type=int, default=42)
     return p
 

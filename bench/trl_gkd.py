@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+from bench.common import add_run_settings
+
 
 def _bool(s: str) -> bool:
     return s.lower() in ("1", "true", "yes", "on")
@@ -29,16 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--budget_s", type=float, default=240.0, help="training wall time, from the first step")
     p.add_argument("--snap_every_s", type=float, default=0.0, help="adapter snapshot interval (0: none)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=int, default=32)
+    add_run_settings(p)  # batch, accum, lr, LoRA r/alpha, lmbda, beta, temperature, max_new_tokens: as ours
     p.add_argument("--lora_dropout", type=float, default=0.05)
-    p.add_argument("--lmbda", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--gradient_checkpointing", type=_bool, default=True)
     p.add_argument("--seed", type=int, default=42)
