@@ -13,11 +13,12 @@ STAMP := $(VENV)/.setup-$(ENGINE_EXTRA)
 DEMO_STAMP := $(if $(wildcard $(STAMP)),$(STAMP),$(VENV)/.setup-demo-$(ENGINE_EXTRA))
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean help
+.PHONY: setup lint test test-fast demo bench clean help
 
 help:
 	@echo "make setup   create .venv and install everything (idempotent; GPU=1 for CUDA vLLM)"
-	@echo "make test    run the whole test suite (what CI runs)"
+	@echo "make lint    ruff lint + format check (part of make test)"
+	@echo "make test    lint, then the whole test suite (what CI runs)"
 	@echo "make demo    distil the embedded default (SmolLM2-135M-Instruct) end to end on CPU"
 	@echo "make bench   run the benchmarks against TRL and write BENCHMARKS.md"
 
@@ -46,7 +47,12 @@ define install
 	$(PY) -c "import transformers, vllm, peft, torch; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 endef
 
-test: setup
+# ruff: lint rules and the format check are in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) stay inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,7 +64,9 @@ def demo_paths(with_data: bool = True) -> dict[str, Path]:
     paths = {"teacher": DEMO / "teacher", "student": DEMO / "student-initial", "data": DEMO / "data"}
     need = ["teacher", "student"] + (["data"] if with_data else [])
     if any(not (paths[k] / ".prepared.json").exists() for k in need):
-        cmd = [sys.executable, "-m", "demo.prepare", "--out", str(DEMO)] + ([] if with_data else ["--no_data"])
+        cmd = [sys.executable, "-m", "demo.prepare", "--out", str(DEMO)] + (
+            [] if with_data else ["--no_data"]
+        )
         print(f"bench: preparing the demo models: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     return paths
@@ -100,7 +103,9 @@ def prompt_texts(n: int, split: str = "train") -> list[str]:
 
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Chat-templated prompt ids, the way the learner and demo.prepare build them."""
-    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(templated, add_special_tokens=False)["input_ids"]
 
 
@@ -166,10 +171,8 @@ def read_jsonl_complete(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in text.split("\n")[:-1]:
         if line.strip():
-            try:
+            with contextlib.suppress(ValueError):
                 rows.append(json.loads(line))
-            except ValueError:
-                pass
     return rows
 
 
@@ -210,15 +213,26 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def target(what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
+def target(
+    what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x"
+) -> dict[str, Any]:
     """A target beside its measured figure, met or not; `line` is the sentence BENCHMARKS.md shows."""
     ok = measured == measured and (measured >= goal if higher_is_better else measured <= goal)
     op = ">=" if higher_is_better else "<="
     line = f"{what}: **{measured:.2f}{unit}** (target {op} {goal:g}{unit}): **{'met' if ok else 'NOT met'}**"
-    return {"what": what, "measured": measured, "target": f"{op} {goal:g}{unit}", "unit": unit, "met": bool(ok), "line": line}
+    return {
+        "what": what,
+        "measured": measured,
+        "target": f"{op} {goal:g}{unit}",
+        "unit": unit,
+        "met": bool(ok),
+        "line": line,
+    }
 
 
-def target_line(what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x") -> tuple[bool, str]:
+def target_line(
+    what: str, measured: float, goal: float, higher_is_better: bool = True, unit: str = "x"
+) -> tuple[bool, str]:
     t = target(what, measured, goal, higher_is_better, unit)
     return t["met"], t["line"]
 
@@ -237,7 +251,12 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def write_result(name: str, data: dict[str, Any], md: str) -> None:
     """bench/out/<name>.json (raw figures) and bench/out/<name>.md (the BENCHMARKS.md fragment)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    data = {"section": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg": os.getloadavg(), **data}
+    data = {
+        "section": name,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_avg": os.getloadavg(),
+        **data,
+    }
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (OUT / f"{name}.md").write_text(md.rstrip() + "\n")
     print(f"wrote {OUT / (name + '.json')} and {name}.md")

@@ -84,7 +84,9 @@ def _worker_loss(impl: str, n: int, v: int, reps: int, beta: float) -> dict:
         loss.backward()
         elapsed = time.perf_counter() - start
         if rep == 0:
-            peak_kib = _status_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak_kib = (
+                _status_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            )
             value, path = loss.item(), type(loss.grad_fn).__name__
         else:
             times.append(elapsed)
@@ -115,13 +117,19 @@ def _worker_copy() -> dict:
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return {"copy_bytes": 2 * GiB, "copy_median_s": statistics.median(times), "copy_gbps": 2 * GiB / statistics.median(times) / 1e9}
+    return {
+        "copy_bytes": 2 * GiB,
+        "copy_median_s": statistics.median(times),
+        "copy_gbps": 2 * GiB / statistics.median(times) / 1e9,
+    }
 
 
 def _spawn(args: list[str]) -> dict | None:
     """Run one worker in a fresh interpreter; None if it died (e.g. killed for memory)."""
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "bench.loss", *args], capture_output=True, text=True, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loss", *args], capture_output=True, text=True, cwd=root
+    )
     if proc.returncode != 0:
         print(f"worker {args} exited {proc.returncode}: {proc.stderr.strip()[-500:]}", file=sys.stderr)
         return None
@@ -151,7 +159,13 @@ def _trl_rows(n: int, v: int) -> int:
 def _report(ours: dict, trl: dict | None, ours_same_n: dict | None, copy: dict) -> dict:
     """Ratios ours/TRL at the same N (ours is rerun at TRL's N when TRL had to run smaller)."""
     touched = 3 * ours["n"] * ours["v"] * 4
-    report = {"ours": ours, "trl": trl, "ours_at_trl_n": ours_same_n, "copy": copy, "bytes_touched_ours": touched}
+    report = {
+        "ours": ours,
+        "trl": trl,
+        "ours_at_trl_n": ours_same_n,
+        "copy": copy,
+        "bytes_touched_ours": touched,
+    }
     report["ours_gbps"] = touched / ours["median_s"] / 1e9
     report["ours_fraction_of_copy_bw"] = report["ours_gbps"] / copy["copy_gbps"]
     if trl is not None:
@@ -207,14 +221,24 @@ def _markdown(report: dict, beta: float) -> str:
         "|---|---|---|---|---|",
         row("ours (`learner.loss.generalized_jsd_loss`)", ours),
     ]
-    if report.get("ours_at_trl_n") is not None and report["ours_at_trl_n"] is not ours and report["ours_at_trl_n"] != ours:
+    if (
+        report.get("ours_at_trl_n") is not None
+        and report["ours_at_trl_n"] is not ours
+        and report["ours_at_trl_n"] != ours
+    ):
         md.append(row("ours, at TRL's N", report["ours_at_trl_n"]))
     md += [row("TRL `GKDTrainer.generalized_jsd_loss`", trl), ""]
     if "memory_ratio" in report:
         mem, tm = report["memory_ratio"], report["time_ratio"]
-        at = f"at N={report['compared_at_n']}" + ("" if report["compared_at_n"] == ours["n"] else " (TRL's does not fit in memory at the full N)")
-        md.append(f"- peak extra memory, ours / TRL {at}: **{mem:.3f}** (target <= 0.25): **{'met' if mem <= 0.25 else 'NOT met'}**")
-        md.append(f"- time, ours / TRL {at}: **{tm:.3f}** (target <= 1.0, no slower): **{'met' if tm <= 1.0 else 'NOT met'}**")
+        at = f"at N={report['compared_at_n']}" + (
+            "" if report["compared_at_n"] == ours["n"] else " (TRL's does not fit in memory at the full N)"
+        )
+        md.append(
+            f"- peak extra memory, ours / TRL {at}: **{mem:.3f}** (target <= 0.25): **{'met' if mem <= 0.25 else 'NOT met'}**"
+        )
+        md.append(
+            f"- time, ours / TRL {at}: **{tm:.3f}** (target <= 1.0, no slower): **{'met' if tm <= 1.0 else 'NOT met'}**"
+        )
         md.append(f"- |loss difference| at the same inputs: {report['loss_abs_diff']:.2e}")
     else:
         md.append("- ratios: not measured (TRL's run failed; see its stderr)")
@@ -224,7 +248,9 @@ def _markdown(report: dict, beta: float) -> str:
         f"-> **{report['ours_gbps']:.1f} GB/s**, {100 * report['ours_fraction_of_copy_bw']:.0f}% of this machine's measured copy bandwidth "
         f"({copy['copy_gbps']:.1f} GB/s read+write, a 1 GiB `Tensor.copy_`: the physical floor for a pass that must read and write every logit){trl_bw}"
     )
-    md.append(f"- load average at the start: {', '.join(f'{x:.1f}' for x in report.get('load_avg_at_start', []))}")
+    md.append(
+        f"- load average at the start: {', '.join(f'{x:.1f}' for x in report.get('load_avg_at_start', []))}"
+    )
     return "\n".join(md) + "\n"
 
 
@@ -236,11 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--worker", choices=["ours", "trl", "copy"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from bench.common import setup_process  # same process settings as every other section (OMP_WAIT_POLICY, SIGTERM)
+    from bench.common import (
+        setup_process,
+    )  # same process settings as every other section (OMP_WAIT_POLICY, SIGTERM)
 
     setup_process()
     if args.worker:
-        result = _worker_copy() if args.worker == "copy" else _worker_loss(args.worker, args.n, args.v, args.reps, args.beta)
+        result = (
+            _worker_copy()
+            if args.worker == "copy"
+            else _worker_loss(args.worker, args.n, args.v, args.reps, args.beta)
+        )
         print(json.dumps(result))
         return 0
     load = os.getloadavg()
@@ -261,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     report["load_avg_at_start"] = load
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2))
-    OUT.with_suffix(".md").write_text(_markdown(report, args.beta))  # the BENCHMARKS.md fragment (bench.run_all)
+    OUT.with_suffix(".md").write_text(
+        _markdown(report, args.beta)
+    )  # the BENCHMARKS.md fragment (bench.run_all)
     _print(report)
     print(f"wrote {OUT}")
     return 0

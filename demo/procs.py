@@ -7,6 +7,7 @@ ever killed by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,14 +77,27 @@ def log_tail(path: Path, n: int = 25) -> str:
 class RolloutServer:
     """`gkd-rollout-server` as a child process, plus a ZeroMQ client to it."""
 
-    def __init__(self, model: Path, log_path: Path, *, dtype: str = "auto", http_port: int | None = None,
-                 extra: list[str] | None = None):
+    def __init__(
+        self,
+        model: Path,
+        log_path: Path,
+        *,
+        dtype: str = "auto",
+        http_port: int | None = None,
+        extra: list[str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.http_port = http_port
         self.log_path = log_path
         cmd = venv_script("gkd-rollout-server", "rollout_server.cli") + [
-            "--model", str(model), "--port", str(self.port), "--dtype", dtype, *(extra or []),
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+            "--dtype",
+            dtype,
+            *(extra or []),
         ]
         if http_port is not None:
             cmd += ["--http_port", str(http_port)]
@@ -104,7 +118,9 @@ class RolloutServer:
             while time.monotonic() - t0 < timeout_s:
                 bar.update()
                 if self.proc.poll() is not None:
-                    raise ProcessFailed(f"rollout server exited with code {self.proc.returncode}; its log {self.log_path} ends:\n{log_tail(self.log_path)}")
+                    raise ProcessFailed(
+                        f"rollout server exited with code {self.proc.returncode}; its log {self.log_path} ends:\n{log_tail(self.log_path)}"
+                    )
                 try:
                     st = self.client.status(timeout_s=3.0)
                 except ServerUnavailable:
@@ -113,18 +129,19 @@ class RolloutServer:
                     self.ready_s = time.monotonic() - t0
                     return self.client
                 time.sleep(1.0)
-        raise ProcessFailed(f"rollout server not ready after {timeout_s:.0f} s; its log {self.log_path} ends:\n{log_tail(self.log_path)}")
+        raise ProcessFailed(
+            f"rollout server not ready after {timeout_s:.0f} s; its log {self.log_path} ends:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self) -> None:
         if self.client is not None:
-            try:
+            # Closing a socket to a dying server must not mask the real error.
+            with contextlib.suppress(Exception):
                 self.client.close()
-            except Exception:  # noqa: BLE001 - closing a socket to a dying server must not mask the real error
-                pass
             self.client = None
         stop(self.proc)
 
-    def __enter__(self) -> "RolloutServer":
+    def __enter__(self) -> RolloutServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,10 +30,18 @@ DISTINCT_TARGET = 0.5  # distinct-2 must stay >= this share of the teacher's
 TABLE = [
     ("eval/teacher_text/jsd", "JSD to the teacher on teacher text (per token)", "eval/teacher_text/jsd"),
     ("eval/student/jsd", "JSD to the teacher on the student's own samples", "eval/student/jsd"),
-    ("eval/student/teacher_nll", "Teacher NLL of the student's samples (per token)", "eval/student/teacher_nll"),
+    (
+        "eval/student/teacher_nll",
+        "Teacher NLL of the student's samples (per token)",
+        "eval/student/teacher_nll",
+    ),
     ("eval/student/distinct2", "distinct-2 of the student's samples", "eval/student/distinct2"),
     ("eval/teacher_text/kl_fwd", "KL(teacher || student) on teacher text", "eval/teacher_text/kl_fwd"),
-    ("eval/teacher_text/student_nll", "Student NLL of teacher text (per token)", "eval/teacher_text/student_nll"),
+    (
+        "eval/teacher_text/student_nll",
+        "Student NLL of teacher text (per token)",
+        "eval/teacher_text/student_nll",
+    ),
     ("eval/student/length", "Mean sample length (tokens)", "eval/student/length"),
 ]
 
@@ -41,7 +49,9 @@ TABLE = [
 # ---------------------------------------------------------------- the verdict
 
 
-def check_quality(before: dict[str, float], after: dict[str, float], teacher: dict[str, float]) -> dict[str, Any]:
+def check_quality(
+    before: dict[str, float], after: dict[str, float], teacher: dict[str, float]
+) -> dict[str, Any]:
     """The quality target as data: each check with its figures and ok flag, plus `passed`."""
     t_jsd = teacher.get("eval/teacher_text/jsd", 0.0)
     b_jsd, a_jsd = before["eval/teacher_text/jsd"], after["eval/teacher_text/jsd"]
@@ -50,11 +60,27 @@ def check_quality(before: dict[str, float], after: dict[str, float], teacher: di
     b_nll, a_nll = before["eval/student/teacher_nll"], after["eval/student/teacher_nll"]
     t_d2, a_d2 = teacher["eval/student/distinct2"], after["eval/student/distinct2"]
     checks = {
-        "jsd_gap_closed": {"before": b_jsd, "after": a_jsd, "teacher": t_jsd, "closed": closed, "need": GAP_TARGET,
-                           "ok": bool(closed >= GAP_TARGET)},
-        "teacher_nll_falls": {"before": b_nll, "after": a_nll, "teacher": teacher.get("eval/student/teacher_nll"), "ok": bool(a_nll < b_nll)},
-        "distinct2_kept": {"after": a_d2, "teacher": t_d2, "ratio": a_d2 / t_d2 if t_d2 else float("nan"), "need": DISTINCT_TARGET,
-                           "ok": bool(t_d2 > 0 and a_d2 >= DISTINCT_TARGET * t_d2)},
+        "jsd_gap_closed": {
+            "before": b_jsd,
+            "after": a_jsd,
+            "teacher": t_jsd,
+            "closed": closed,
+            "need": GAP_TARGET,
+            "ok": bool(closed >= GAP_TARGET),
+        },
+        "teacher_nll_falls": {
+            "before": b_nll,
+            "after": a_nll,
+            "teacher": teacher.get("eval/student/teacher_nll"),
+            "ok": bool(a_nll < b_nll),
+        },
+        "distinct2_kept": {
+            "after": a_d2,
+            "teacher": t_d2,
+            "ratio": a_d2 / t_d2 if t_d2 else float("nan"),
+            "need": DISTINCT_TARGET,
+            "ok": bool(t_d2 > 0 and a_d2 >= DISTINCT_TARGET * t_d2),
+        },
     }
     return {"checks": checks, "passed": all(c["ok"] for c in checks.values())}
 
@@ -95,13 +121,17 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def build_summary(root: Path, learner_out: Path, prep, timings: dict[str, float], train: dict, chat: dict, *, quick: bool) -> dict[str, Any]:
+def build_summary(
+    root: Path, learner_out: Path, prep, timings: dict[str, float], train: dict, chat: dict, *, quick: bool
+) -> dict[str, Any]:
     from demo.prepare import read_marker, teacher_figures
 
     rows = _jsonl(learner_out / "metrics.jsonl")
     evals = eval_rows(rows)
     if len(evals) < 2:
-        raise RuntimeError(f"{learner_out / 'metrics.jsonl'} has {len(evals)} evaluation rows; need the one at step 0 and the final one")
+        raise RuntimeError(
+            f"{learner_out / 'metrics.jsonl'} has {len(evals)} evaluation rows; need the one at step 0 and the final one"
+        )
     before, after = evals[0], evals[-1]
     teacher = teacher_figures(prep.teacher, prep.data, int(_config(learner_out).get("eval_samples") or 40))
     trains = train_rows(rows)
@@ -117,9 +147,13 @@ def build_summary(root: Path, learner_out: Path, prep, timings: dict[str, float]
         | {"eval/teacher_text/student_nll": teacher.get("eval/teacher_text/student_nll")},
         "quality": check_quality(before, after, teacher),
         "config": _config(learner_out),
-        "models": {"teacher_layers": (read_marker(prep.teacher) or {}).get("layers"), "student_layers": len(prep.kept_layers),
-                   "kept_layers": prep.kept_layers},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()} | {f"prepare/{k}": v for k, v in prep.stage_s.items()},
+        "models": {
+            "teacher_layers": (read_marker(prep.teacher) or {}).get("layers"),
+            "student_layers": len(prep.kept_layers),
+            "kept_layers": prep.kept_layers,
+        },
+        "timings_s": {k: round(v, 1) for k, v in timings.items()}
+        | {f"prepare/{k}": v for k, v in prep.stage_s.items()},
         "throughput": {
             "rollout_server_tokens_per_s_median": _median(tps),
             "rollout_server_tokens_per_s_max": max(tps) if tps else None,
@@ -128,7 +162,9 @@ def build_summary(root: Path, learner_out: Path, prep, timings: dict[str, float]
             "adapter_push_s_median": _median([r.get("push_s") for r in trains]),
             "seconds_per_step_median": _median([r.get("seconds_per_step") for r in trains]),
             "learner_tokens_per_s_median": _median([r.get("tokens_per_s") for r in trains]),
-            "on_policy_fraction_mean": statistics.fmean([r["on_policy_fraction"] for r in trains if r.get("on_policy_fraction") is not None] or [0.0]),
+            "on_policy_fraction_mean": statistics.fmean(
+                [r["on_policy_fraction"] for r in trains if r.get("on_policy_fraction") is not None] or [0.0]
+            ),
             "pushes": after.get("policy_version"),
             "student_server_start_s": round(train.get("server_start_s", float("nan")), 1),
             "merged_server_start_s": round(chat.get("server_start_s", float("nan")), 1),
@@ -148,19 +184,43 @@ def _config(learner_out: Path) -> dict[str, Any]:
     for sec in cfg.values():
         if isinstance(sec, dict):
             flat.update(sec)
-    keep = ("lora_r", "lora_alpha", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "max_steps", "lmbda", "beta", "temperature", "max_new_tokens", "sync_steps", "max_staleness", "torch_dtype", "eval_samples")
+    keep = (
+        "lora_r",
+        "lora_alpha",
+        "learning_rate",
+        "lr_scheduler_type",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "lmbda",
+        "beta",
+        "temperature",
+        "max_new_tokens",
+        "sync_steps",
+        "max_staleness",
+        "torch_dtype",
+        "eval_samples",
+    )
     return {k: flat.get(k) for k in keep}
 
 
-def side_by_side(learner_out: Path, data_dir: Path, first: int, last: int, k: int = 3) -> list[dict[str, str]]:
+def side_by_side(
+    learner_out: Path, data_dir: Path, first: int, last: int, k: int = 3
+) -> list[dict[str, str]]:
     """k held-out prompts: the teacher's answer (data), the pruned and the distilled student's (learner samples)."""
     samples = _jsonl(learner_out / "samples.jsonl")
     at = lambda step: [s for s in samples if s.get("step") == step]  # noqa: E731
     s0, s1 = at(first), at(last)
     out = []
     for a, b in list(zip(s0, s1))[:k]:
-        out.append({"prompt": _user_text(a["prompt"]), "teacher": a["teacher"], "pruned": a["student"], "distilled": b["student"]})
+        out.append(
+            {
+                "prompt": _user_text(a["prompt"]),
+                "teacher": a["teacher"],
+                "pruned": a["student"],
+                "distilled": b["student"],
+            }
+        )
     return out
 
 
@@ -204,7 +264,9 @@ def plot(root: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> lis
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], marker=".")
     ax[0].set(title="training loss (generalized JSD, beta 0.5)", xlabel="step", ylabel="loss")
-    ax[1].plot([r["step"] for r in tr], [r.get("seconds_per_step") for r in tr], marker=".", color="tab:green")
+    ax[1].plot(
+        [r["step"] for r in tr], [r.get("seconds_per_step") for r in tr], marker=".", color="tab:green"
+    )
     ax[1].set(title="seconds per optimizer step", xlabel="step", ylabel="s")
     fig.tight_layout()
     fig.savefig(root / "loss.png", dpi=110)
@@ -282,13 +344,27 @@ def render(summary: dict[str, Any], plots: list[str]) -> str:
         "",
     ]
     for s in summary["side_by_side"]:
-        out += [f"**{_cell(s['prompt'])}**", "", "| teacher | pruned student (before) | distilled student (after) |", "| --- | --- | --- |",
-                f"| {_cell(s['teacher'])} | {_cell(s['pruned'])} | {_cell(s['distilled'])} |", ""]
+        out += [
+            f"**{_cell(s['prompt'])}**",
+            "",
+            "| teacher | pruned student (before) | distilled student (after) |",
+            "| --- | --- | --- |",
+            f"| {_cell(s['teacher'])} | {_cell(s['pruned'])} | {_cell(s['distilled'])} |",
+            "",
+        ]
     chat = summary.get("chat") or {}
     if chat:
-        out += ["## The merged model, served by vLLM", "",
-                f"`student-merged/` loaded in `gkd-rollout-server` and asked over its OpenAI-compatible endpoint "
-                f"(greedy, {chat.get('seconds')} s):", "", f"> **{_cell(chat['question'])}**", ">", f"> {_cell(chat['answer'])}", ""]
+        out += [
+            "## The merged model, served by vLLM",
+            "",
+            f"`student-merged/` loaded in `gkd-rollout-server` and asked over its OpenAI-compatible endpoint "
+            f"(greedy, {chat.get('seconds')} s):",
+            "",
+            f"> **{_cell(chat['question'])}**",
+            ">",
+            f"> {_cell(chat['answer'])}",
+            "",
+        ]
     out += [
         "## Speed (2 CPU cores)",
         "",
@@ -323,7 +399,10 @@ def write_report(root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m demo.report", description="Rebuild demo-output/report.md and its plots from metrics.jsonl.")
+    p = argparse.ArgumentParser(
+        prog="python -m demo.report",
+        description="Rebuild demo-output/report.md and its plots from metrics.jsonl.",
+    )
     p.add_argument("--out", default="demo-output")
     args = p.parse_args(argv)
     try:

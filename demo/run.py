@@ -35,14 +35,25 @@ class StageFailed(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.run", description="Run the embedded GKD demo end to end (see demo/README in the report).")
+    p = argparse.ArgumentParser(
+        prog="python -m demo.run",
+        description="Run the embedded GKD demo end to end (see demo/README in the report).",
+    )
     p.add_argument("--out", default="demo-output", help="Output root (default: demo-output).")
     p.add_argument("--config", default=str(CONFIG), help="Learner config (seed-style YAML).")
-    p.add_argument("--quick", action="store_true", default=os.environ.get(QUICK_ENV) == "1",
-                   help=f"Shortened run (fewer steps; also env {QUICK_ENV}=1).")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get(QUICK_ENV) == "1",
+        help=f"Shortened run (fewer steps; also env {QUICK_ENV}=1).",
+    )
     p.add_argument("--drop_every", type=int, default=None, help="Passed to demo.prepare (default: its own).")
-    p.add_argument("--learner_args", nargs=argparse.REMAINDER, default=[],
-                   help="Everything after this flag is passed to gkd-learner (overrides the config).")
+    p.add_argument(
+        "--learner_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="Everything after this flag is passed to gkd-learner (overrides the config).",
+    )
     return p
 
 
@@ -54,7 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     # 8-9 s with passive waiting). Every process the demo starts inherits this.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        code = run(root, Path(args.config), quick=args.quick, drop_every=args.drop_every, learner_args=args.learner_args)
+        code = run(
+            root,
+            Path(args.config),
+            quick=args.quick,
+            drop_every=args.drop_every,
+            learner_args=args.learner_args,
+        )
     except StageFailed as e:
         sys.stderr.write(f"demo: error: {e}\n")
         raise SystemExit(2) from None
@@ -110,7 +127,9 @@ def run(root: Path, config: Path, *, quick: bool, drop_every: int | None, learne
     path = report.write_report(root)
     verdict = summary["quality"]
     _banner(f"report: {path}")
-    print(f"The distilled student (vLLM, OpenAI endpoint) was asked: {CHAT_QUESTION!r}\n  -> {chat['answer']!r}")
+    print(
+        f"The distilled student (vLLM, OpenAI endpoint) was asked: {CHAT_QUESTION!r}\n  -> {chat['answer']!r}"
+    )
     for line in report.quality_lines(verdict):
         print(line)
     print(f"demo took {timings['total_s'] / 60:.1f} min")
@@ -134,12 +153,18 @@ def train_stage(root: Path, prep, config: Path, learner_out: Path, overrides: li
         timings["student_server_start_s"] = server.ready_s
         shutil.rmtree(learner_out, ignore_errors=True)
         cmd = venv_script("gkd-learner", "learner.cli") + [
-            "--config", str(config),
-            "--model_name_or_path", str(prep.student),
-            "--teacher_model_name_or_path", str(prep.teacher),
-            "--dataset_name", str(prep.data),
-            "--output_dir", str(learner_out),
-            "--rollout_url", server.url,
+            "--config",
+            str(config),
+            "--model_name_or_path",
+            str(prep.student),
+            "--teacher_model_name_or_path",
+            str(prep.teacher),
+            "--dataset_name",
+            str(prep.data),
+            "--output_dir",
+            str(learner_out),
+            "--rollout_url",
+            server.url,
             "--save_merged",
             *overrides,
         ]
@@ -151,16 +176,24 @@ def train_stage(root: Path, prep, config: Path, learner_out: Path, overrides: li
         watch_learner(learner, learner_out, total, logs / "learner.log")
         timings["learner_s"] = time.perf_counter() - t_learn
         if learner.returncode != 0:
-            raise ProcessFailed(f"gkd-learner exited with code {learner.returncode}; {logs / 'learner.log'} ends:\n{log_tail(logs / 'learner.log')}")
+            raise ProcessFailed(
+                f"gkd-learner exited with code {learner.returncode}; {logs / 'learner.log'} ends:\n{log_tail(logs / 'learner.log')}"
+            )
         if not (learner_out / "merged" / "config.json").exists():
-            raise ProcessFailed(f"gkd-learner finished without {learner_out / 'merged'} (was --save_merged honoured?)")
+            raise ProcessFailed(
+                f"gkd-learner finished without {learner_out / 'merged'} (was --save_merged honoured?)"
+            )
     finally:
         if monitor is not None:
             monitor.stop()
         stop(learner)
         server.stop()
     timings["train_stage_s"] = time.perf_counter() - t0
-    return {"timings": timings, "server_samples": monitor.samples if monitor else [], "server_start_s": server.ready_s}
+    return {
+        "timings": timings,
+        "server_samples": monitor.samples if monitor else [],
+        "server_start_s": server.ready_s,
+    }
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -248,8 +281,15 @@ class ServerMonitor:
                     st = client.status(timeout_s=10.0)
                 except Exception:  # noqa: BLE001 - a busy or restarting server: skip this sample
                     continue
-                self.samples.append({"t_s": round(time.monotonic() - t0, 1), "policy_version": st.policy_version,
-                                     "tokens_per_s": st.tokens_per_s, "queue_depth": st.queue_depth, "last_reload_s": st.last_reload_s})
+                self.samples.append(
+                    {
+                        "t_s": round(time.monotonic() - t0, 1),
+                        "policy_version": st.policy_version,
+                        "tokens_per_s": st.tokens_per_s,
+                        "queue_depth": st.queue_depth,
+                        "last_reload_s": st.last_reload_s,
+                    }
+                )
         finally:
             client.close()
 
@@ -277,15 +317,26 @@ def chat_stage(merged: Path, logs: Path) -> dict:
     from demo.procs import RolloutServer, free_port
 
     http_port = free_port()
-    server = RolloutServer(merged, logs / "server-merged.log", http_port=http_port, extra=["--max_model_len", "1024"])
+    server = RolloutServer(
+        merged, logs / "server-merged.log", http_port=http_port, extra=["--max_model_len", "1024"]
+    )
     try:
         server.wait_ready(desc="starting the rollout server (distilled, merged model)")
         client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=300)
         t0 = time.perf_counter()
-        r = client.chat.completions.create(model="student", messages=[{"role": "user", "content": CHAT_QUESTION}],
-                                           max_tokens=96, temperature=0.0)
-        return {"question": CHAT_QUESTION, "answer": r.choices[0].message.content, "seconds": round(time.perf_counter() - t0, 2),
-                "server_start_s": server.ready_s, "http_port": http_port}
+        r = client.chat.completions.create(
+            model="student",
+            messages=[{"role": "user", "content": CHAT_QUESTION}],
+            max_tokens=96,
+            temperature=0.0,
+        )
+        return {
+            "question": CHAT_QUESTION,
+            "answer": r.choices[0].message.content,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "server_start_s": server.ready_s,
+            "http_port": http_port,
+        }
     finally:
         server.stop()
 

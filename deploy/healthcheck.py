@@ -14,8 +14,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deploy.healthcheck", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="tcp://127.0.0.1:5555", help="Rollout server URL (default tcp://127.0.0.1:5555).")
-    p.add_argument("--token", default=os.environ.get("GKD_TOKEN"), help="Control-channel token (default: env GKD_TOKEN).")
+    p.add_argument(
+        "--url", default="tcp://127.0.0.1:5555", help="Rollout server URL (default tcp://127.0.0.1:5555)."
+    )
+    p.add_argument(
+        "--token", default=os.environ.get("GKD_TOKEN"), help="Control-channel token (default: env GKD_TOKEN)."
+    )
     p.add_argument("--timeout_s", type=float, default=5.0, help="Seconds to wait for the answer (default 5).")
     args = p.parse_args(argv)
 

@@ -29,17 +29,51 @@ from shared.config import Config, ConfigError, exit_on_config_error, parse_args
 PROG = "deploy.ray_job"
 
 EXTRA: list[tuple[str, dict[str, Any]]] = [
-    ("--rollout_num_cpus", dict(type=float, default=1.0, help="CPUs reserved for the rollout actor (default 1).")),
-    ("--rollout_num_gpus", dict(type=float, default=0.0, help="GPUs for the rollout actor; 0 runs vLLM on CPU (default 0).")),
-    ("--learner_num_cpus", dict(type=float, default=1.0, help="CPUs reserved for the learner task (default 1).")),
+    (
+        "--rollout_num_cpus",
+        dict(type=float, default=1.0, help="CPUs reserved for the rollout actor (default 1)."),
+    ),
+    (
+        "--rollout_num_gpus",
+        dict(type=float, default=0.0, help="GPUs for the rollout actor; 0 runs vLLM on CPU (default 0)."),
+    ),
+    (
+        "--learner_num_cpus",
+        dict(type=float, default=1.0, help="CPUs reserved for the learner task (default 1)."),
+    ),
     ("--learner_num_gpus", dict(type=float, default=0.0, help="GPUs for the learner task (default 0).")),
-    ("--server_dtype", dict(choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="Serving dtype (auto: fp32 on CPU, bf16 on CUDA).")),
-    ("--sync_mode", dict(choices=["merged", "lora"], default="merged", help="Merge pushed adapters into the weights, or serve them as vLLM LoRA.")),
+    (
+        "--server_dtype",
+        dict(
+            choices=["auto", "float32", "bfloat16", "float16"],
+            default="auto",
+            help="Serving dtype (auto: fp32 on CPU, bf16 on CUDA).",
+        ),
+    ),
+    (
+        "--sync_mode",
+        dict(
+            choices=["merged", "lora"],
+            default="merged",
+            help="Merge pushed adapters into the weights, or serve them as vLLM LoRA.",
+        ),
+    ),
     ("--kv_cache_gb", dict(type=float, default=1.0, help="CPU only: vLLM KV cache size in GiB (default 1).")),
-    ("--gpu_memory_utilization", dict(type=float, default=0.85, help="CUDA only: share of GPU memory vLLM may take.")),
-    ("--max_lora_rank", dict(type=int, default=None, help="Largest adapter rank the server accepts (default: max(64, lora_r)).")),
+    (
+        "--gpu_memory_utilization",
+        dict(type=float, default=0.85, help="CUDA only: share of GPU memory vLLM may take."),
+    ),
+    (
+        "--max_lora_rank",
+        dict(
+            type=int, default=None, help="Largest adapter rank the server accepts (default: max(64, lora_r))."
+        ),
+    ),
     ("--actor_name", dict(default=None, help="Name of the rollout actor (default: gkd-rollout-<random>).")),
-    ("--ready_timeout_s", dict(type=float, default=900.0, help="Seconds to wait for the rollout engine to start.")),
+    (
+        "--ready_timeout_s",
+        dict(type=float, default=900.0, help="Seconds to wait for the rollout engine to start."),
+    ),
 ]
 
 
@@ -119,7 +153,13 @@ def server_settings(cfg: Config, ns: Any, token: str):
 
 def _check_resources(cfg: Config, ns: Any) -> list[str]:
     errs = []
-    for flag in ("rollout_num_cpus", "rollout_num_gpus", "learner_num_cpus", "learner_num_gpus", "kv_cache_gb"):
+    for flag in (
+        "rollout_num_cpus",
+        "rollout_num_gpus",
+        "learner_num_cpus",
+        "learner_num_gpus",
+        "kv_cache_gb",
+    ):
         if getattr(ns, flag) < 0:
             errs.append(f"{flag}={getattr(ns, flag)!r} is invalid: must be >= 0")
     if ns.ready_timeout_s <= 0:
@@ -129,10 +169,14 @@ def _check_resources(cfg: Config, ns: Any) -> list[str]:
     if ns.max_lora_rank is not None and ns.max_lora_rank < cfg.lora.lora_r:
         errs.append(f"max_lora_rank={ns.max_lora_rank} is invalid: must be >= lora_r={cfg.lora.lora_r}")
     if cfg.rollout.rollout_url is not None or cfg.rollout.transport not in ("auto", "ray"):
-        errs.append("rollout_url/transport are set by deploy.ray_job (ray://<actor_name>); leave them out, or use --actor_name")
+        errs.append(
+            "rollout_url/transport are set by deploy.ray_job (ray://<actor_name>); leave them out, or use --actor_name"
+        )
     if not os.path.isabs(os.path.expanduser(cfg.train.output_dir)):
         # The job's working directory is a temporary copy that Ray deletes afterwards.
-        errs.append(f"output_dir={cfg.train.output_dir!r} is invalid: must be an absolute path (on a shared filesystem for multi-node clusters)")
+        errs.append(
+            f"output_dir={cfg.train.output_dir!r} is invalid: must be an absolute path (on a shared filesystem for multi-node clusters)"
+        )
     return errs
 
 

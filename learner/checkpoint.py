@@ -48,7 +48,7 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainState":
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
         return cls(**{**d, "cursor": Cursor(**d["cursor"])})
 
 
@@ -56,7 +56,13 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(output_dir: str | Path, state: TrainState, adapter: dict[str, torch.Tensor], optimizer: dict, scheduler: dict) -> Path:
+def save(
+    output_dir: str | Path,
+    state: TrainState,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict,
+) -> Path:
     """Write checkpoint step-<state.step> atomically; raise UserError if the disk refuses."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step}"
@@ -89,7 +95,9 @@ def save(output_dir: str | Path, state: TrainState, adapter: dict[str, torch.Ten
         _fsync(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact") from None
+        raise UserError(
+            f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact"
+        ) from None
     return final
 
 
@@ -99,7 +107,11 @@ def verify(path: str | Path) -> bool:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        return manifest.get("format") == FORMAT and bool(files) and all(sha256_file(path / n) == h for n, h in files.items())
+        return (
+            manifest.get("format") == FORMAT
+            and bool(files)
+            and all(sha256_file(path / n) == h for n, h in files.items())
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -125,11 +137,16 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "latest":
         found = find_latest(output_dir)
         if found is None:
-            log.info("resume=latest: no complete checkpoint in %s; starting from step 0", checkpoints_dir(output_dir))
+            log.info(
+                "resume=latest: no complete checkpoint in %s; starting from step 0",
+                checkpoints_dir(output_dir),
+            )
         return found
     path = Path(resume)
     if not verify(path):
-        raise UserError(f"resume={resume!r} is not a complete checkpoint (missing or mismatching manifest.json)")
+        raise UserError(
+            f"resume={resume!r} is not a complete checkpoint (missing or mismatching manifest.json)"
+        )
     return path
 
 
@@ -162,7 +179,14 @@ def restore_rng(ckpt: dict[str, Any]) -> None:
 def _write_rng(d: Path) -> None:
     v, state, gauss = random.getstate()
     np_state = np.random.get_state()
-    rng = {"python": [v, list(state), gauss], "numpy": [np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]]}
+    rng = {
+        "python": [v, list(state), gauss],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            *[x.item() if hasattr(x, "item") else x for x in np_state[2:]],
+        ],
+    }
     (d / "rng.json").write_text(json.dumps(rng))
     tensors = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if e.errno not in _DISK_ERRORS:  # anything else is a bug: keep its traceback
             raise
-        sys.stderr.write(f"{PROG}: error: cannot write {e.filename or cfg.train.output_dir}: {e.strerror}; free space or fix "
-                         f"permissions, then rerun with --resume latest (complete checkpoints in {cfg.train.output_dir}/checkpoints are intact)\n")
+        sys.stderr.write(
+            f"{PROG}: error: cannot write {e.filename or cfg.train.output_dir}: {e.strerror}; free space or fix "
+            f"permissions, then rerun with --resume latest (complete checkpoints in {cfg.train.output_dir}/checkpoints are intact)\n"
+        )
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

@@ -68,7 +68,9 @@ def load_data(cfg: Config, tokenizer, need_eval: bool) -> Data:
     splits = read_splits(cfg)
     d = cfg.data
     if d.dataset_train_split not in splits:
-        raise UserError(f"dataset {d.dataset_name!r} has no split {d.dataset_train_split!r} (it has {sorted(splits)}); set --dataset_train_split")
+        raise UserError(
+            f"dataset {d.dataset_name!r} has no split {d.dataset_train_split!r} (it has {sorted(splits)}); set --dataset_train_split"
+        )
     rows = splits[d.dataset_train_split]
     if not rows:
         raise UserError(f"dataset {d.dataset_name!r} split {d.dataset_train_split!r} is empty")
@@ -76,7 +78,9 @@ def load_data(cfg: Config, tokenizer, need_eval: bool) -> Data:
     limit = max_prompt_length(cfg)
     train, over_train = to_examples(rows, shape, tokenizer, limit, d.max_length, d.overlong_prompts)
     if not train:
-        raise UserError(f"all {len(rows)} prompts are longer than max_prompt_length={limit} tokens; raise --max_length or use --overlong_prompts truncate")
+        raise UserError(
+            f"all {len(rows)} prompts are longer than max_prompt_length={limit} tokens; raise --max_length or use --overlong_prompts truncate"
+        )
     evals, over_eval, source = [], 0, "none"
     if need_eval and d.dataset_test_split in splits and d.dataset_test_split != d.dataset_train_split:
         test_rows = splits[d.dataset_test_split][: d.eval_samples * 2]  # spare rows for skips
@@ -85,7 +89,9 @@ def load_data(cfg: Config, tokenizer, need_eval: bool) -> Data:
     if need_eval and not evals:
         train, evals = hold_out(train, d.eval_samples, cfg.train.seed)
         source = "held-out"
-    report = DataReport(shape, len(rows), len(train), len(evals), source, over_train + over_eval, d.overlong_prompts, limit)
+    report = DataReport(
+        shape, len(rows), len(train), len(evals), source, over_train + over_eval, d.overlong_prompts, limit
+    )
     log.info(report.line())
     return Data(train, evals, report)
 
@@ -101,7 +107,9 @@ def read_splits(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         if p.is_file():
             kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(p.suffix)
             if kind is None:
-                raise UserError(f"dataset_name={name!r}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
+                raise UserError(
+                    f"dataset_name={name!r}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet"
+                )
             if _empty_file(p):  # datasets fails on these with an unhelpful message
                 raise UserError(f"dataset {name!r} split {d.dataset_train_split!r} is empty")
             dd = datasets.load_dataset(kind, data_files={d.dataset_train_split: str(p)})
@@ -173,13 +181,19 @@ def _texts(row: dict[str, Any], shape: str, tokenizer, i: int) -> tuple[str, str
     p_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, i)
     if completion is None:
         return _chat_pair(tokenizer, p_msgs, None, i)
-    c_msgs = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else _check_messages(completion, i)
+    c_msgs = (
+        [{"role": "assistant", "content": completion}]
+        if isinstance(completion, str)
+        else _check_messages(completion, i)
+    )
     return _chat_pair(tokenizer, p_msgs, c_msgs, i)
 
 
 def _chat_pair(tokenizer, prompt_msgs, completion_msgs, i) -> tuple[str, str | None]:
     if not _has_template(tokenizer):
-        raise UserError(f"row {i}: conversational data needs a tokenizer with a chat template; the student's has none")
+        raise UserError(
+            f"row {i}: conversational data needs a tokenizer with a chat template; the student's has none"
+        )
     if not prompt_msgs:
         raise UserError(f"row {i}: the conversation has no turns before the assistant's answer")
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
@@ -193,9 +207,15 @@ def _chat_pair(tokenizer, prompt_msgs, completion_msgs, i) -> tuple[str, str | N
 
 
 def _check_messages(msgs: Any, i: int) -> list[dict[str, str]]:
-    ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+    ok = (
+        isinstance(msgs, list)
+        and msgs
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+    )
     if not ok:
-        raise UserError(f"row {i}: expected a non-empty list of {{'role', 'content'}} messages, got {str(msgs)[:80]!r}")
+        raise UserError(
+            f"row {i}: expected a non-empty list of {{'role', 'content'}} messages, got {str(msgs)[:80]!r}"
+        )
     return msgs
 
 
@@ -208,7 +228,9 @@ def hold_out(examples: list[Example], k: int, seed: int) -> tuple[list[Example],
     """Split off a seeded random slice for evaluation; it is never trained on."""
     k = min(k, max(1, len(examples) // 4)) if len(examples) > 1 else 0
     if k == 0:
-        raise UserError("the dataset has a single prompt: nothing can be held out for evaluation; set --eval_strategy no or add data")
+        raise UserError(
+            "the dataset has a single prompt: nothing can be held out for evaluation; set --eval_strategy no or add data"
+        )
     order = list(range(len(examples)))
     random.Random(f"holdout:{seed}").shuffle(order)
     held = set(order[:k])

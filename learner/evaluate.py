@@ -29,7 +29,9 @@ def distinct_n(seqs: list[list[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def token_divergences(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+def token_divergences(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, beta: float
+) -> dict[str, torch.Tensor]:
     """Per-token divergences over the positions where labels != IGNORE, each a 1-D tensor [n]."""
     mask = labels != IGNORE
     s = torch.log_softmax(s_logits[mask].float(), dim=-1)
@@ -45,11 +47,30 @@ def token_divergences(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: to
         m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
         jsd = beta * (pt * (t - m)).sum(-1) + (1 - beta) * (ps * (s - m)).sum(-1)
     ids = labels[mask][:, None]
-    return {"jsd": jsd, "kl_fwd": kl_fwd, "kl_rev": kl_rev, "teacher_nll": -t.gather(-1, ids)[:, 0], "student_nll": -s.gather(-1, ids)[:, 0]}
+    return {
+        "jsd": jsd,
+        "kl_fwd": kl_fwd,
+        "kl_rev": kl_rev,
+        "teacher_nll": -t.gather(-1, ids)[:, 0],
+        "student_nll": -s.gather(-1, ids)[:, 0],
+    }
 
 
 @torch.no_grad()
-def divergences(student, teacher, prompts, completions, *, beta: float, vocab: int, pad_id: int, max_length: int, batch_size: int, device, teacher_device=None) -> dict[str, float]:
+def divergences(
+    student,
+    teacher,
+    prompts,
+    completions,
+    *,
+    beta: float,
+    vocab: int,
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    device,
+    teacher_device=None,
+) -> dict[str, float]:
     """Token-weighted means of `token_divergences` over all (prompt, completion) pairs."""
     sums: dict[str, float] = {}
     n = 0
@@ -64,7 +85,9 @@ def divergences(student, teacher, prompts, completions, *, beta: float, vocab: i
             s_logits = completion_logits(student, batch, vocab)
             tb = batch if teacher_device is None else batch.to(teacher_device)
             t_logits = completion_logits(teacher, tb, vocab).to(s_logits.device)
-            for row in range(batch.labels.shape[0]):  # one row at a time keeps the fp32 [C, V] temporaries small
+            for row in range(
+                batch.labels.shape[0]
+            ):  # one row at a time keeps the fp32 [C, V] temporaries small
                 d = token_divergences(s_logits[row], t_logits[row], batch.labels[row], beta)
                 for k, v in d.items():
                     sums[k] = sums.get(k, 0.0) + v.sum().item()
@@ -74,22 +97,67 @@ def divergences(student, teacher, prompts, completions, *, beta: float, vocab: i
     return {k: v / n for k, v in sums.items()} if n else {}
 
 
-def evaluate(student, teacher, prompts: list[list[int]], *, student_completions: list[list[int]], teacher_completions: list[list[int]], beta: float, vocab: int, pad_id: int, max_length: int, batch_size: int, device, teacher_device=None) -> dict[str, float]:
+def evaluate(
+    student,
+    teacher,
+    prompts: list[list[int]],
+    *,
+    student_completions: list[list[int]],
+    teacher_completions: list[list[int]],
+    beta: float,
+    vocab: int,
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    device,
+    teacher_device=None,
+) -> dict[str, float]:
     """All evaluation figures, as a flat {name: value} dict (see the module docstring)."""
-    kw = dict(beta=beta, vocab=vocab, pad_id=pad_id, max_length=max_length, batch_size=batch_size, device=device, teacher_device=teacher_device)
+    kw = dict(
+        beta=beta,
+        vocab=vocab,
+        pad_id=pad_id,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        teacher_device=teacher_device,
+    )
     on_student = divergences(student, teacher, prompts, student_completions, **kw)
     on_teacher = divergences(student, teacher, prompts, teacher_completions, **kw)
-    out = {f"eval/student/{k}": on_student[k] for k in ("jsd", "kl_fwd", "kl_rev", "teacher_nll") if k in on_student}
+    out = {
+        f"eval/student/{k}": on_student[k]
+        for k in ("jsd", "kl_fwd", "kl_rev", "teacher_nll")
+        if k in on_student
+    }
     out["eval/student/distinct2"] = distinct_n(student_completions)
     out["eval/student/length"] = sum(map(len, student_completions)) / max(1, len(student_completions))
-    out.update({f"eval/teacher_text/{k}": on_teacher[k] for k in ("jsd", "kl_fwd", "kl_rev", "student_nll") if k in on_teacher})
+    out.update(
+        {
+            f"eval/teacher_text/{k}": on_teacher[k]
+            for k in ("jsd", "kl_fwd", "kl_rev", "student_nll")
+            if k in on_teacher
+        }
+    )
     out["eval/teacher_text/distinct2"] = distinct_n(teacher_completions)
     return out
 
 
-def write_samples(path: str | Path, step: int, tokenizer, prompts_text: list[str], student_completions, teacher_completions, k: int = 4) -> None:
+def write_samples(
+    path: str | Path,
+    step: int,
+    tokenizer,
+    prompts_text: list[str],
+    student_completions,
+    teacher_completions,
+    k: int = 4,
+) -> None:
     """Append a few completions side by side (student vs teacher) to samples.jsonl."""
     with open(path, "a") as f:
         for p, s, t in list(zip(prompts_text, student_completions, teacher_completions))[:k]:
-            row = {"step": step, "prompt": p, "student": tokenizer.decode(s, skip_special_tokens=True), "teacher": tokenizer.decode(t, skip_special_tokens=True)}
+            row = {
+                "step": step,
+                "prompt": p,
+                "student": tokenizer.decode(s, skip_special_tokens=True),
+                "teacher": tokenizer.decode(t, skip_special_tokens=True),
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -93,10 +93,14 @@ def generalized_jsd_loss(
         reduction = "sum"  # divided by num_items_in_batch below
     if chunk_size is not None or _wants_chunked(student_logits, teacher_logits, reduction):
         if reduction == "none" or teacher_logits.requires_grad or student_logits.dim() not in (2, 3):
-            raise ValueError("the chunked path needs 2-D/3-D logits, reduction != 'none' and a teacher without grad")
+            raise ValueError(
+                "the chunked path needs 2-D/3-D logits, reduction != 'none' and a teacher without grad"
+            )
         chunk = chunk_size or max(1, CHUNK_ELEMENTS // student_logits.shape[-1])
         want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        loss = _ChunkedJSD.apply(student_logits, teacher_logits, mask, beta, temperature, reduction, chunk, want_grad)
+        loss = _ChunkedJSD.apply(
+            student_logits, teacher_logits, mask, beta, temperature, reduction, chunk, want_grad
+        )
     else:
         loss = _plain_jsd(student_logits, teacher_logits, mask, beta, temperature, reduction)
     if num_items_in_batch is not None:

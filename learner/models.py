@@ -69,7 +69,9 @@ def load_tokenizer(path: str, cfg: Config):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.model_revision, trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=cfg.model.model_revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {path!r}: {_first_line(e)}") from None
     if tok.pad_token is None:
@@ -134,7 +136,11 @@ def check_tokenizers(student_tok, teacher_tok, student_rows: int, teacher_rows: 
             "only a larger teacher vocabulary can be sliced to match"
         )
     if teacher_rows > student_rows:
-        log.info("teacher vocabulary %d > student %d: teacher logits are sliced to the student's", teacher_rows, student_rows)
+        log.info(
+            "teacher vocabulary %d > student %d: teacher logits are sliced to the student's",
+            teacher_rows,
+            student_rows,
+        )
     return student_rows
 
 
@@ -152,14 +158,18 @@ def add_lora(model, cfg: Config):
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:  # e.g. target modules not found in the model
-        raise UserError(f"cannot apply LoRA (lora_target_modules={lo.lora_target_modules}): {_first_line(e)}") from None
+        raise UserError(
+            f"cannot apply LoRA (lora_target_modules={lo.lora_target_modules}): {_first_line(e)}"
+        ) from None
 
 
 def lora_spec(peft_model) -> LoraSpec:
     c = peft_model.peft_config["default"]
     # Short names ("q_proj"): PEFT may resolve "all-linear" to full paths; the tensors carry the paths.
     targets = sorted({name.rsplit(".", 1)[-1] for name in c.target_modules})
-    return LoraSpec(r=c.r, lora_alpha=float(c.lora_alpha), target_modules=targets, use_rslora=bool(c.use_rslora))
+    return LoraSpec(
+        r=c.r, lora_alpha=float(c.lora_alpha), target_modules=targets, use_rslora=bool(c.use_rslora)
+    )
 
 
 def disable_dropout(model) -> None:

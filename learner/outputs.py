@@ -47,7 +47,11 @@ def save_merged(student, tokenizer, out: Path) -> Path:
 
 def write_model_card(cfg: Config, out: Path, final: dict[str, Any]) -> Path:
     m, d = cfg.model, cfg.data
-    figures = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(final.items()) if isinstance(v, (int, float)) and v is not None)
+    figures = "\n".join(
+        f"| {k} | {v:.4g} |"
+        for k, v in sorted(final.items())
+        if isinstance(v, (int, float)) and v is not None
+    )
     card = f"""---
 base_model: {m.model_name_or_path}
 library_name: peft
@@ -109,8 +113,12 @@ def push_to_hub(cfg: Config, out: Path) -> None:
 
         api = HfApi()
         api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=repo, ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
+        api.upload_folder(
+            folder_path=str(out), repo_id=repo, ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"]
+        )
     except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end the same way
         first = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"push_to_hub to {repo!r} failed ({first}); everything is saved locally in {out}") from None
+        raise UserError(
+            f"push_to_hub to {repo!r} failed ({first}); everything is saved locally in {out}"
+        ) from None
     log.info("pushed %s to the hub as %s", out, repo)

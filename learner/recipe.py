@@ -92,7 +92,14 @@ class GKDRecipe:
         self.client = connect(self.url, token=cfg.rollout.token, timeout_s=cfg.rollout.request_timeout_s)
         status = wait_for_server(self.client, self.url, cfg.rollout.reconnect_deadline_s)
         self.reconnector = Reconnector(self.client, self.url, cfg.rollout.reconnect_deadline_s, self._resync)
-        log.info("rollout server %s: model %s, version %d, %s, %s", self.url, status.model, status.policy_version, status.sync_mode, status.dtype)
+        log.info(
+            "rollout server %s: model %s, version %d, %s, %s",
+            self.url,
+            status.model,
+            status.policy_version,
+            status.sync_mode,
+            status.dtype,
+        )
 
         self.m = load_models(cfg)
         self.dtype = next(self.m.student.parameters()).dtype
@@ -100,22 +107,33 @@ class GKDRecipe:
         self.eval_on = t.eval_strategy != "no"
         self.data = load_data(cfg, self.m.tokenizer, need_eval=self.eval_on)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * len(self.data.train) / per_step))
+        self.total_steps = (
+            t.max_steps
+            if t.max_steps > 0
+            else max(1, math.ceil(t.num_train_epochs * len(self.data.train) / per_step))
+        )
         self.params = [p for p in self.m.student.parameters() if p.requires_grad]
         dist.broadcast_params(self.params, self.dist)
         self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.scheduler = _scheduler(self.optimizer, t.lr_scheduler_type, t.warmup_ratio, self.total_steps)
 
-        self.state = TrainState(step=0, policy_version=0, cursor=Cursor(), micro_batches=0, world_size=self.dist.world_size)
+        self.state = TrainState(
+            step=0, policy_version=0, cursor=Cursor(), micro_batches=0, world_size=self.dist.world_size
+        )
         ckpt = checkpoint.resolve(t.resume, self.out) if t.resume else None
         if ckpt is not None:
             self._restore(ckpt)
         self._sync_server_at_start(resumed=ckpt is not None)
         if self.dist.is_main:
             self._prepare_output_dir()
-        self.metrics = MetricsLog(self.out, resume_step=self.state.step if ckpt else None, enabled=self.dist.is_main)
+        self.metrics = MetricsLog(
+            self.out, resume_step=self.state.step if ckpt else None, enabled=self.dist.is_main
+        )
         if self.dist.is_main:
-            self.metrics.log(self.state.step, {"event": "start", "total_steps": self.total_steps, **_data_figures(self.data.report)})
+            self.metrics.log(
+                self.state.step,
+                {"event": "start", "total_steps": self.total_steps, **_data_figures(self.data.report)},
+            )
         self.rollouts = self._make_rollouts()
 
     def _check_output_dir(self) -> None:
@@ -127,7 +145,9 @@ class GKDRecipe:
             p = p.parent
         if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
             why = "is not a directory" if not p.is_dir() else "is not writable"
-            raise UserError(f"output_dir={str(self.out)!r} cannot be written: {str(p)!r} {why}; choose another --output_dir or fix its permissions")
+            raise UserError(
+                f"output_dir={str(self.out)!r} cannot be written: {str(p)!r} {why}; choose another --output_dir or fix its permissions"
+            )
 
     def _prepare_output_dir(self) -> None:
         try:
@@ -143,9 +163,20 @@ class GKDRecipe:
         checkpoint.restore_rng(ck)
         self.state = ck["state"]
         if self.state.world_size != self.dist.world_size:
-            log.warning("checkpoint written by %d ranks, resuming with %d: the data split changes", self.state.world_size, self.dist.world_size)
+            log.warning(
+                "checkpoint written by %d ranks, resuming with %d: the data split changes",
+                self.state.world_size,
+                self.dist.world_size,
+            )
             self.state.world_size = self.dist.world_size
-        log.info("resumed from %s at step %d (policy version %d, epoch %d, index %d)", path, self.state.step, self.state.policy_version, self.state.cursor.epoch, self.state.cursor.index)
+        log.info(
+            "resumed from %s at step %d (policy version %d, epoch %d, index %d)",
+            path,
+            self.state.step,
+            self.state.policy_version,
+            self.state.cursor.epoch,
+            self.state.cursor.index,
+        )
 
     def _sync_server_at_start(self, resumed: bool) -> None:
         """Before any rollout, the server must serve exactly our adapter (fresh LoRA or checkpoint's)."""
@@ -153,31 +184,77 @@ class GKDRecipe:
         if self.dist.is_main:
             m, timeout = self.m, self.cfg.rollout.request_timeout_s
             if resumed:
-                version, push = bring_server_to_checkpoint(self.client, m.student, m.lora, self.state.policy_version, self.canary, m.device, self.dtype, timeout)
+                version, push = bring_server_to_checkpoint(
+                    self.client,
+                    m.student,
+                    m.lora,
+                    self.state.policy_version,
+                    self.canary,
+                    m.device,
+                    self.dtype,
+                    timeout,
+                )
             else:
                 current = self.client.status(timeout_s=timeout).policy_version
-                push = push_adapter(self.client, m.student, m.lora, max(1, current + 1), self.canary, m.device, self.dtype, timeout)
+                push = push_adapter(
+                    self.client,
+                    m.student,
+                    m.lora,
+                    max(1, current + 1),
+                    self.canary,
+                    m.device,
+                    self.dtype,
+                    timeout,
+                )
                 version = push.version
             if push is not None:
-                log.info("server now serves version %d (reload %.3fs, canary max |Δ| %.2e)", push.version, push.reload_s, push.canary_max_abs)
+                log.info(
+                    "server now serves version %d (reload %.3fs, canary max |Δ| %.2e)",
+                    push.version,
+                    push.reload_s,
+                    push.canary_max_abs,
+                )
         self.state.policy_version = dist.broadcast_int(version, self.dist)
 
     def _make_rollouts(self) -> Rollouts:
         cfg, m = self.cfg, self.m
         accum = cfg.train.gradient_accumulation_steps
         sampler = PromptSampler(len(self.data.train), cfg.train.seed, cursor=self.state.cursor)
-        sampling = SamplingSpec(temperature=cfg.gkd.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.gkd.max_new_tokens)
+        sampling = SamplingSpec(
+            temperature=cfg.gkd.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.gkd.max_new_tokens
+        )
 
         def teacher_generate(examples, seed):
-            return hf_generate(m.teacher, [e.prompt_ids for e in examples], pad_id=m.tokenizer.pad_token_id, eos_id=m.tokenizer.eos_token_id,
-                               temperature=cfg.gkd.temperature, max_new_tokens=cfg.gkd.max_new_tokens, device=m.teacher_device, seed=seed)
+            return hf_generate(
+                m.teacher,
+                [e.prompt_ids for e in examples],
+                pad_id=m.tokenizer.pad_token_id,
+                eos_id=m.tokenizer.eos_token_id,
+                temperature=cfg.gkd.temperature,
+                max_new_tokens=cfg.gkd.max_new_tokens,
+                device=m.teacher_device,
+                seed=seed,
+            )
 
         return Rollouts(
-            self.client, self.data.train, sampler, batch_size=cfg.train.per_device_train_batch_size, lmbda=cfg.gkd.lmbda,
-            seq_kd=cfg.gkd.seq_kd, seed=cfg.train.seed, sampling=sampling, max_inflight=cfg.rollout.max_inflight,
-            max_staleness=cfg.rollout.max_staleness, teacher_generate=teacher_generate, accum=accum,
-            sync_steps=cfg.rollout.sync_steps, first_local=self.state.micro_batches,
-            total_local=self.total_steps * accum, timeout_s=cfg.rollout.request_timeout_s, rank=self.dist.rank, world=self.dist.world_size,
+            self.client,
+            self.data.train,
+            sampler,
+            batch_size=cfg.train.per_device_train_batch_size,
+            lmbda=cfg.gkd.lmbda,
+            seq_kd=cfg.gkd.seq_kd,
+            seed=cfg.train.seed,
+            sampling=sampling,
+            max_inflight=cfg.rollout.max_inflight,
+            max_staleness=cfg.rollout.max_staleness,
+            teacher_generate=teacher_generate,
+            accum=accum,
+            sync_steps=cfg.rollout.sync_steps,
+            first_local=self.state.micro_batches,
+            total_local=self.total_steps * accum,
+            timeout_s=cfg.rollout.request_timeout_s,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
             on_server_lost=self._rollouts_lost_server,
         )
 
@@ -189,11 +266,22 @@ class GKDRecipe:
             deadline = time.monotonic() + self.cfg.rollout.reconnect_deadline_s
             while self.client.status(timeout_s=10.0).policy_version < version:
                 if time.monotonic() > deadline:
-                    raise UserError(f"rank {self.dist.rank}: the rollout server did not reach version {version} after a reconnect")
+                    raise UserError(
+                        f"rank {self.dist.rank}: the rollout server did not reach version {version} after a reconnect"
+                    )
                 time.sleep(0.5)
             return version
         m = self.m
-        served, push = bring_server_to_checkpoint(self.client, m.student, m.lora, version, self.canary, m.device, self.dtype, self.cfg.rollout.request_timeout_s)
+        served, push = bring_server_to_checkpoint(
+            self.client,
+            m.student,
+            m.lora,
+            version,
+            self.canary,
+            m.device,
+            self.dtype,
+            self.cfg.rollout.request_timeout_s,
+        )
         if push is not None:
             self.last_push = push
         return served
@@ -203,7 +291,10 @@ class GKDRecipe:
         if self.rollouts is not None:
             self.rollouts.resubmit(served)
         if self.metrics is not None:
-            self.metrics.log(self.state.step, {"event": "reconnect", "policy_version": served, **self.reconnector.outages[-1]})
+            self.metrics.log(
+                self.state.step,
+                {"event": "reconnect", "policy_version": served, **self.reconnector.outages[-1]},
+            )
         return served
 
     def _rollouts_lost_server(self, why: str) -> int:
@@ -218,16 +309,25 @@ class GKDRecipe:
         t, st = self.cfg.train, self.state
         if self.eval_on and st.step == 0:
             self.evaluate()
-        bar = self._bar = tqdm(total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main)
+        bar = self._bar = tqdm(
+            total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
+        )
         window = Window()
         while st.step < self.total_steps:
             t0, epoch_before = time.perf_counter(), st.cursor.epoch
             loss, tokens, grad_norm = self.optimizer_step()
             st.step += 1
-            st.cursor, st.micro_batches = self.rollouts.consumed_cursor(), st.micro_batches + t.gradient_accumulation_steps
+            st.cursor, st.micro_batches = (
+                self.rollouts.consumed_cursor(),
+                st.micro_batches + t.gradient_accumulation_steps,
+            )
             self.sync_if_due()
             window.losses.append(loss)
-            window.tokens, window.seconds, window.steps = window.tokens + tokens, window.seconds + time.perf_counter() - t0, window.steps + 1
+            window.tokens, window.seconds, window.steps = (
+                window.tokens + tokens,
+                window.seconds + time.perf_counter() - t0,
+                window.steps + 1,
+            )
             window.grad_norms.append(grad_norm)
             if st.step % t.logging_steps == 0 or st.step == self.total_steps:
                 self.log_window(window)
@@ -248,18 +348,33 @@ class GKDRecipe:
         losses, tokens = [], 0
         for _ in range(accum):
             mb = self.rollouts.next(self.state.policy_version)
-            batch = collate([e.prompt_ids for e in mb.examples], mb.completions, m.tokenizer.pad_token_id, cfg.data.max_length)
+            batch = collate(
+                [e.prompt_ids for e in mb.examples],
+                mb.completions,
+                m.tokenizer.pad_token_id,
+                cfg.data.max_length,
+            )
             if batch is None:
                 continue
             batch = batch.to(m.device)
             teacher_device = m.teacher_device if m.teacher_device != m.device else None
-            loss = distill_loss(m.student, m.teacher, batch, vocab=m.vocab_size, beta=cfg.gkd.beta, temperature=temperature,
-                                teacher_device=teacher_device, chunk_size=cfg.train.loss_chunk_size)
+            loss = distill_loss(
+                m.student,
+                m.teacher,
+                batch,
+                vocab=m.vocab_size,
+                beta=cfg.gkd.beta,
+                temperature=temperature,
+                teacher_device=teacher_device,
+                chunk_size=cfg.train.loss_chunk_size,
+            )
             (loss / accum).backward()
             losses.append(loss.item())
             tokens += batch.n_tokens
         dist.average_gradients(self.params, self.dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +389,16 @@ class GKDRecipe:
         if self.dist.is_main:
             m = self.m
             try:
-                self.last_push = push_adapter(self.client, m.student, m.lora, version, self.canary, m.device, self.dtype, self.cfg.rollout.request_timeout_s)
+                self.last_push = push_adapter(
+                    self.client,
+                    m.student,
+                    m.lora,
+                    version,
+                    self.canary,
+                    m.device,
+                    self.dtype,
+                    self.cfg.rollout.request_timeout_s,
+                )
             except ServerUnavailable as e:
                 version = self._server_lost(str(e), version)
         st.policy_version = version
@@ -283,14 +407,18 @@ class GKDRecipe:
         t, st = self.cfg.train, self.state
         if t.eval_strategy == "steps":
             return st.step % (t.eval_steps or t.logging_steps) == 0 and st.step != self.total_steps
-        return st.cursor.epoch > epoch_before and st.step != self.total_steps  # "epoch"; the end is evaluated by finish()
+        return (
+            st.cursor.epoch > epoch_before and st.step != self.total_steps
+        )  # "epoch"; the end is evaluated by finish()
 
     # ------------------------------------------------------------------ logging and evaluation
 
     def log_window(self, w: Window) -> None:
         stats = self.rollouts.reset_stats().summary()
         finite = [x for x in w.losses if math.isfinite(x)]
-        loss, tokens = dist.all_mean([sum(finite) / len(finite) if finite else float("nan"), float(w.tokens)], self.dist)
+        loss, tokens = dist.all_mean(
+            [sum(finite) / len(finite) if finite else float("nan"), float(w.tokens)], self.dist
+        )
         row = {
             "policy_version": self.state.policy_version,
             "loss": loss,
@@ -309,8 +437,16 @@ class GKDRecipe:
         self.last.update(row)
         if self.dist.is_main:
             self.metrics.log(self.state.step, row)
-            log.info("step %d/%d loss %.4f v%d on-policy %.2f staleness %s %.2fs/step", self.state.step, self.total_steps, loss,
-                     row["policy_version"], row["on_policy_fraction"], row["staleness"], row["seconds_per_step"])
+            log.info(
+                "step %d/%d loss %.4f v%d on-policy %.2f staleness %s %.2fs/step",
+                self.state.step,
+                self.total_steps,
+                loss,
+                row["policy_version"],
+                row["on_policy_fraction"],
+                row["staleness"],
+                row["seconds_per_step"],
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Student samples (server, current version) and teacher text vs the teacher; rank 0 only."""
@@ -318,19 +454,50 @@ class GKDRecipe:
             return {}
         cfg, m, ex = self.cfg, self.m, self.data.eval
         prompts = [e.prompt_ids for e in ex]
-        sampling = SamplingSpec(temperature=cfg.gkd.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.gkd.max_new_tokens, seed=cfg.train.seed)
-        req = GenerateRequest(request_id=f"eval-{self.state.step}", prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(prompts)],
-                              sampling=sampling, min_version=self.state.policy_version)
+        sampling = SamplingSpec(
+            temperature=cfg.gkd.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=cfg.gkd.max_new_tokens,
+            seed=cfg.train.seed,
+        )
+        req = GenerateRequest(
+            request_id=f"eval-{self.state.step}",
+            prompts=[Prompt(prompt_id=str(i), token_ids=p) for i, p in enumerate(prompts)],
+            sampling=sampling,
+            min_version=self.state.policy_version,
+        )
         student_c = [c.token_ids for c in self._generate_surviving_outages(req).completions]
         teacher_c = self._teacher_texts()
-        figures = evaluate(m.student, m.teacher, prompts, student_completions=student_c, teacher_completions=teacher_c, beta=cfg.gkd.beta,
-                           vocab=m.vocab_size, pad_id=m.tokenizer.pad_token_id, max_length=cfg.data.max_length,
-                           batch_size=cfg.train.per_device_train_batch_size, device=m.device,
-                           teacher_device=m.teacher_device if m.teacher_device != m.device else None)
-        write_samples(self.out / "samples.jsonl", self.state.step, m.tokenizer, [e.prompt_text for e in ex], student_c, teacher_c)
+        figures = evaluate(
+            m.student,
+            m.teacher,
+            prompts,
+            student_completions=student_c,
+            teacher_completions=teacher_c,
+            beta=cfg.gkd.beta,
+            vocab=m.vocab_size,
+            pad_id=m.tokenizer.pad_token_id,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.train.per_device_train_batch_size,
+            device=m.device,
+            teacher_device=m.teacher_device if m.teacher_device != m.device else None,
+        )
+        write_samples(
+            self.out / "samples.jsonl",
+            self.state.step,
+            m.tokenizer,
+            [e.prompt_text for e in ex],
+            student_c,
+            teacher_c,
+        )
         self.metrics.log(self.state.step, {"policy_version": self.state.policy_version, **figures})
         self.last.update(figures)
-        log.info("eval @%d: %s", self.state.step, " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in figures.items()))
+        log.info(
+            "eval @%d: %s",
+            self.state.step,
+            " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in figures.items()),
+        )
         return figures
 
     def _generate_surviving_outages(self, req: GenerateRequest):
@@ -340,19 +507,34 @@ class GKDRecipe:
             try:
                 return self.client.generate(req, timeout_s=self.cfg.rollout.request_timeout_s)
             except ServerUnavailable as e:
-                self.state.policy_version = req.min_version = self._server_lost(str(e), self.state.policy_version)
+                self.state.policy_version = req.min_version = self._server_lost(
+                    str(e), self.state.policy_version
+                )
                 n += 1
                 req.request_id = f"{base_id}-r{n}"
 
     def _teacher_texts(self) -> list[list[int]]:
         """The dataset's completions; for prompt-only rows, teacher samples (generated once, cached)."""
         cfg, m, ex = self.cfg, self.m, self.data.eval
-        missing = [i for i, e in enumerate(ex) if e.completion_ids is None and i not in self.teacher_eval_cache]
+        missing = [
+            i for i, e in enumerate(ex) if e.completion_ids is None and i not in self.teacher_eval_cache
+        ]
         if missing:
-            gen = hf_generate(m.teacher, [ex[i].prompt_ids for i in missing], pad_id=m.tokenizer.pad_token_id, eos_id=m.tokenizer.eos_token_id,
-                              temperature=cfg.gkd.temperature, max_new_tokens=cfg.gkd.max_new_tokens, device=m.teacher_device, seed=cfg.train.seed + 1)
+            gen = hf_generate(
+                m.teacher,
+                [ex[i].prompt_ids for i in missing],
+                pad_id=m.tokenizer.pad_token_id,
+                eos_id=m.tokenizer.eos_token_id,
+                temperature=cfg.gkd.temperature,
+                max_new_tokens=cfg.gkd.max_new_tokens,
+                device=m.teacher_device,
+                seed=cfg.train.seed + 1,
+            )
             self.teacher_eval_cache.update(zip(missing, gen))
-        return [e.completion_ids if e.completion_ids is not None else self.teacher_eval_cache[i] for i, e in enumerate(ex)]
+        return [
+            e.completion_ids if e.completion_ids is not None else self.teacher_eval_cache[i]
+            for i, e in enumerate(ex)
+        ]
 
     # ------------------------------------------------------------------ checkpoints and outputs
 
@@ -360,7 +542,13 @@ class GKDRecipe:
         if self.dist.is_main:
             from learner.models import adapter_tensors
 
-            path = checkpoint.save(self.out, self.state, adapter_tensors(self.m.student), self.optimizer.state_dict(), self.scheduler.state_dict())
+            path = checkpoint.save(
+                self.out,
+                self.state,
+                adapter_tensors(self.m.student),
+                self.optimizer.state_dict(),
+                self.scheduler.state_dict(),
+            )
             log.info("checkpoint %s", path)
         dist.barrier(self.dist)
 
@@ -371,7 +559,11 @@ class GKDRecipe:
         if self.dist.is_main:
             m, t = self.m, self.cfg.train
             outputs.save_adapter(m.student, m.tokenizer, self.out)
-            outputs.write_model_card(self.cfg, self.out, {k: v for k, v in self.last.items() if k.startswith("eval/") or k == "loss"})
+            outputs.write_model_card(
+                self.cfg,
+                self.out,
+                {k: v for k, v in self.last.items() if k.startswith("eval/") or k == "loss"},
+            )
             if t.save_merged:
                 path = outputs.save_merged(m.student, m.tokenizer, self.out)
                 log.info("merged model: %s", path)
@@ -380,9 +572,17 @@ class GKDRecipe:
                 outputs.push_to_hub(self.cfg, self.out)
         dist.barrier(self.dist)
         digest = adapter_digest(self.params)
-        log.info("rank %d/%d finished at step %d, policy version %d, adapter digest %s", self.dist.rank, self.dist.world_size,
-                 self.state.step, self.state.policy_version, digest)
-        return dict(self.last, step=self.state.step, policy_version=self.state.policy_version, adapter_digest=digest)
+        log.info(
+            "rank %d/%d finished at step %d, policy version %d, adapter digest %s",
+            self.dist.rank,
+            self.dist.world_size,
+            self.state.step,
+            self.state.policy_version,
+            digest,
+        )
+        return dict(
+            self.last, step=self.state.step, policy_version=self.state.policy_version, adapter_digest=digest
+        )
 
     def cleanup(self) -> None:
         if getattr(self, "_bar", None) is not None:
@@ -422,8 +622,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def _data_figures(report) -> dict[str, Any]:
-    return {"data_rows": report.rows, "train_prompts": report.train, "eval_prompts": report.eval, "overlong_prompts": report.overlong,
-            "overlong_action": report.overlong_action, "data_shape": report.shape}
+    return {
+        "data_rows": report.rows,
+        "train_prompts": report.train,
+        "eval_prompts": report.eval,
+        "overlong_prompts": report.overlong,
+        "overlong_action": report.overlong_action,
+        "data_shape": report.shape,
+    }
 
 
 def _configure_logging() -> None:

@@ -40,7 +40,12 @@ class Reconnector:
         """Wait for the server, bring it to our adapter at `version`; return the version it serves."""
         t_lost = time.monotonic()
         deadline = t_lost + self.deadline_s
-        log.warning("rollout server %s lost (%s); retrying for up to %gs (--reconnect_deadline_s)", self.url, why, self.deadline_s)
+        log.warning(
+            "rollout server %s lost (%s); retrying for up to %gs (--reconnect_deadline_s)",
+            self.url,
+            why,
+            self.deadline_s,
+        )
         probe, attempts = FIRST_PROBE_S, 0
         while True:
             left = deadline - time.monotonic()
@@ -56,10 +61,21 @@ class Reconnector:
                 served = self.resync(version)
             except ServerUnavailable as e:
                 why = str(e)
-                log.info("rollout server %s: attempt %d failed (%s); next probe waits %.1fs", self.url, attempts, why, min(2 * probe, MAX_PROBE_S))
+                log.info(
+                    "rollout server %s: attempt %d failed (%s); next probe waits %.1fs",
+                    self.url,
+                    attempts,
+                    why,
+                    min(2 * probe, MAX_PROBE_S),
+                )
                 probe = min(2 * probe, MAX_PROBE_S)
                 continue
             down_s = time.monotonic() - t_lost
-            log.warning("rollout server %s is back after %.1fs; it serves our adapter as version %d", self.url, down_s, served)
+            log.warning(
+                "rollout server %s is back after %.1fs; it serves our adapter as version %d",
+                self.url,
+                down_s,
+                served,
+            )
             self.outages.append({"down_s": down_s, "attempts": float(attempts), "version": float(served)})
             return served

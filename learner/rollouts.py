@@ -143,13 +143,17 @@ class Rollouts:
 
     def _pushes_before(self, local: int) -> int:
         """Adapter pushes between now and the consumption of local micro-batch `local`."""
-        return (local // self.accum) // self.sync_steps - (self.current_local // self.accum) // self.sync_steps
+        return (local // self.accum) // self.sync_steps - (
+            self.current_local // self.accum
+        ) // self.sync_steps
 
     def _submit(self, mb: MicroBatch, attempt: int) -> None:
         spec = SamplingSpec(**{**_fields(self.sampling), "seed": request_seed(self.seed, mb.index, attempt)})
         prompts = [Prompt(prompt_id=str(i), token_ids=e.prompt_ids) for i, e in enumerate(mb.examples)]
         min_version = self.version + max(0, self._pushes_before(mb.local) - self.max_staleness)
-        rid = f"mb{mb.index}-a{attempt}" + (f"-r{self.reconnects}" if self.reconnects else "")  # ids must not repeat
+        rid = f"mb{mb.index}-a{attempt}" + (
+            f"-r{self.reconnects}" if self.reconnects else ""
+        )  # ids must not repeat
         req = GenerateRequest(request_id=rid, prompts=prompts, sampling=spec, min_version=min_version)
         mb.request_id = self.client.submit(req)
 
@@ -211,7 +215,13 @@ class Rollouts:
                 self.stats.staleness.append(staleness)
                 return
             self.stats.dropped_stale += 1
-            log.info("dropped rollout %s: policy version %d is %d behind (max_staleness %d)", mb.request_id, reply.policy_version, staleness, self.max_staleness)
+            log.info(
+                "dropped rollout %s: policy version %d is %d behind (max_staleness %d)",
+                mb.request_id,
+                reply.policy_version,
+                staleness,
+                self.max_staleness,
+            )
             self._submit(mb, attempt)  # min_version = current version: the server waits for it
         raise RuntimeError(f"the rollout server kept answering with stale weights for micro-batch {mb.index}")
 
@@ -257,7 +267,18 @@ def _fields(spec: SamplingSpec) -> dict:
 # ---------------------------------------------------------------- HF sampling (teacher, evaluation)
 
 
-def hf_generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, temperature: float, max_new_tokens: int, device, seed: int, batch_size: int = 8) -> list[list[int]]:
+def hf_generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    temperature: float,
+    max_new_tokens: int,
+    device,
+    seed: int,
+    batch_size: int = 8,
+) -> list[list[int]]:
     """Sample completions with HF generate (KV cache on), left-padded, seeded without touching global RNG.
 
     Each completion ends at its first eos (included). Sampling settings are the seed's: temperature,
@@ -267,8 +288,15 @@ def hf_generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, te
     from transformers import GenerationConfig
 
     gen = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
-        repetition_penalty=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        use_cache=True,
     )
     was_training = model.training
     model.eval()

@@ -25,11 +25,19 @@ class Batch:
     labels: torch.Tensor  # [B, C]: completion ids, IGNORE on padding
     n_tokens: int  # completion tokens counted in the loss
 
-    def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device), self.labels.to(device), self.n_tokens)
+    def to(self, device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.labels.to(device),
+            self.n_tokens,
+        )
 
 
-def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_length: int) -> Batch | None:
+def collate(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_length: int
+) -> Batch | None:
     """Tensors for one micro-batch; None when no completion has a token to learn from."""
     comps = [c[: max(0, max_length - len(p))] for p, c in zip(prompts, completions)]
     P, C = max(len(p) for p in prompts), max(len(c) for c in comps)
@@ -48,7 +56,12 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 def completion_logits(model, batch: Batch, vocab: int) -> torch.Tensor:
     """[B, C, vocab] logits predicting each completion token (teacher columns sliced to `vocab`)."""
     C = batch.labels.shape[1]
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    kw = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
     try:
         logits = model(**kw, logits_to_keep=C + 1).logits[:, :-1]
     except TypeError:  # models without logits_to_keep: full logits, then slice
@@ -56,10 +69,28 @@ def completion_logits(model, batch: Batch, vocab: int) -> torch.Tensor:
     return logits[..., :vocab]
 
 
-def distill_loss(student, teacher, batch: Batch, *, vocab: int, beta: float, temperature: float, teacher_device=None, chunk_size: int | None = None) -> torch.Tensor:
+def distill_loss(
+    student,
+    teacher,
+    batch: Batch,
+    *,
+    vocab: int,
+    beta: float,
+    temperature: float,
+    teacher_device=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Generalized JSD (mean over completion tokens) of the student to the teacher on `batch`."""
     s_logits = completion_logits(student, batch, vocab)
     with torch.no_grad():
         tb = batch if teacher_device is None else batch.to(teacher_device)
         t_logits = completion_logits(teacher, tb, vocab).to(s_logits.device)
-    return generalized_jsd_loss(s_logits, t_logits, labels=batch.labels, beta=beta, temperature=temperature, reduction="batchmean", chunk_size=chunk_size)
+    return generalized_jsd_loss(
+        s_logits,
+        t_logits,
+        labels=batch.labels,
+        beta=beta,
+        temperature=temperature,
+        reduction="batchmean",
+        chunk_size=chunk_size,
+    )

@@ -28,7 +28,9 @@ from shared.transport.base import ServerUnavailable
 
 log = logging.getLogger("gkd.learner")
 
-CANARY_TEXT = "Knowledge distillation canary: the student learns what the teacher would say next, one token at a time."
+CANARY_TEXT = (
+    "Knowledge distillation canary: the student learns what the teacher would say next, one token at a time."
+)
 FP32_MAX_ABS = 1e-3
 LOW_PRECISION_MEAN_ABS = 0.05
 LOW_PRECISION_MAX_ABS = 0.5
@@ -50,11 +52,15 @@ class PushResult:
 def canary_ids(tokenizer, n: int = 24) -> list[int]:
     ids = tokenizer(CANARY_TEXT, add_special_tokens=False)["input_ids"][:n]
     if len(ids) < 2:
-        raise UserError("the tokenizer turns the canary text into fewer than 2 tokens; cannot check adapter sync")
+        raise UserError(
+            "the tokenizer turns the canary text into fewer than 2 tokens; cannot check adapter sync"
+        )
     return ids
 
 
-def compare(ours: list[float], theirs: list[float], learner_dtype: torch.dtype, serving_dtype: str) -> tuple[float, float]:
+def compare(
+    ours: list[float], theirs: list[float], learner_dtype: torch.dtype, serving_dtype: str
+) -> tuple[float, float]:
     """(mean |Δ|, max |Δ|); raises CanaryMismatch beyond the tolerance for these dtypes."""
     if len(ours) != len(theirs):
         raise CanaryMismatch(f"the server returned {len(theirs)} canary logprobs, expected {len(ours)}")
@@ -63,7 +69,11 @@ def compare(ours: list[float], theirs: list[float], learner_dtype: torch.dtype, 
     fp32 = learner_dtype == torch.float32 and serving_dtype in ("float32", "torch.float32", "fp32")
     ok = mx <= FP32_MAX_ABS if fp32 else (mean < LOW_PRECISION_MEAN_ABS and mx < LOW_PRECISION_MAX_ABS)
     if not ok:
-        rule = f"max <= {FP32_MAX_ABS}" if fp32 else f"mean < {LOW_PRECISION_MEAN_ABS} and max < {LOW_PRECISION_MAX_ABS}"
+        rule = (
+            f"max <= {FP32_MAX_ABS}"
+            if fp32
+            else f"mean < {LOW_PRECISION_MEAN_ABS} and max < {LOW_PRECISION_MAX_ABS}"
+        )
         raise CanaryMismatch(
             f"the server's canary logprobs differ from the learner's (mean |Δ| {mean:.3g}, max |Δ| {mx:.3g}; "
             f"allowed {rule} for learner {learner_dtype} / server {serving_dtype}): the server serves a different "
@@ -72,7 +82,16 @@ def compare(ours: list[float], theirs: list[float], learner_dtype: torch.dtype, 
     return mean, mx
 
 
-def push_adapter(client, student, lora: LoraSpec, version: int, canary: list[int], device, dtype: torch.dtype, timeout_s: float | None = None) -> PushResult:
+def push_adapter(
+    client,
+    student,
+    lora: LoraSpec,
+    version: int,
+    canary: list[int],
+    device,
+    dtype: torch.dtype,
+    timeout_s: float | None = None,
+) -> PushResult:
     """Push the student's adapter as `version` and check the server's canary against ours."""
     t0 = time.perf_counter()
     data = pack(adapter_tensors(student))
@@ -98,7 +117,9 @@ def wait_for_server(client, url: str, deadline_s: float):
             time.sleep(min(1.0, max(0.0, t_end - time.monotonic())))
 
 
-def server_has_adapter(client, student, version: int, canary: list[int], device, dtype, timeout_s: float | None = None) -> bool:
+def server_has_adapter(
+    client, student, version: int, canary: list[int], device, dtype, timeout_s: float | None = None
+) -> bool:
     """Does the server, at `version`, already serve exactly our student's weights?
 
     Used on resume when the server's version equals the checkpoint's: a short greedy continuation of
@@ -123,7 +144,9 @@ def server_has_adapter(client, student, version: int, canary: list[int], device,
     return True
 
 
-def bring_server_to_checkpoint(client, student, lora, ckpt_version: int, canary, device, dtype, timeout_s=None) -> tuple[int, PushResult | None]:
+def bring_server_to_checkpoint(
+    client, student, lora, ckpt_version: int, canary, device, dtype, timeout_s=None
+) -> tuple[int, PushResult | None]:
     """On resume: make the server serve the checkpoint's adapter; return (version, push or None).
 
     * server behind the checkpoint (e.g. restarted): push the adapter as the checkpoint's version;
@@ -131,10 +154,17 @@ def bring_server_to_checkpoint(client, student, lora, ckpt_version: int, canary,
     * otherwise (it moved on after the checkpoint): push as server version + 1 (versions must grow).
     """
     current = client.status(timeout_s=timeout_s).policy_version
-    if current == ckpt_version and server_has_adapter(client, student, current, canary, device, dtype, timeout_s):
+    if current == ckpt_version and server_has_adapter(
+        client, student, current, canary, device, dtype, timeout_s
+    ):
         log.info("resume: the server already serves the checkpoint's adapter (version %d)", current)
         return current, None
     version = ckpt_version if current < ckpt_version else current + 1
     if version != ckpt_version:
-        log.warning("resume: server is at version %d, past the checkpoint's %d; re-pushing it as version %d", current, ckpt_version, version)
+        log.warning(
+            "resume: server is at version %d, past the checkpoint's %d; re-pushing it as version %d",
+            current,
+            ckpt_version,
+            version,
+        )
     return version, push_adapter(client, student, lora, version, canary, device, dtype, timeout_s)

@@ -49,8 +49,11 @@ HELP = {
 def build_parser():
     from shared.config import _argkw, _Parser
 
-    p = _Parser(prog=PROG, description="The GKD rollout server: vLLM samples the student and reloads pushed LoRA adapters in place.",
-                argument_default=None)
+    p = _Parser(
+        prog=PROG,
+        description="The GKD rollout server: vLLM samples the student and reloads pushed LoRA adapters in place.",
+        argument_default=None,
+    )
     defaults = {f.name: f.default for f in msgspec.structs.fields(ServerSettings)}
     for name, typ in get_type_hints(ServerSettings).items():
         default = defaults.get(name, msgspec.NODEFAULT)
@@ -59,7 +62,12 @@ def build_parser():
             shown = "default: $GKD_TOKEN"
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **_argkw(typ))
-    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Our log level (vLLM's: VLLM_LOGGING_LEVEL).")
+    p.add_argument(
+        "--log_level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Our log level (vLLM's: VLLM_LOGGING_LEVEL).",
+    )
     return p
 
 
@@ -80,20 +88,29 @@ def parse_settings(argv: list[str] | None) -> tuple[ServerSettings, str]:
 def check(s: ServerSettings) -> ServerSettings:
     """Everything that can be checked before the engine starts; returns settings with a local model dir."""
     if s.needs_token() and not s.token:
-        raise _Exit(f"--host {s.host} is beyond loopback: refusing to serve without a token; pass --token or set GKD_TOKEN")
+        raise _Exit(
+            f"--host {s.host} is beyond loopback: refusing to serve without a token; pass --token or set GKD_TOKEN"
+        )
     for name in ("port", "http_port"):
         v = getattr(s, name)
         if v is not None and not 0 < v < 65536:
             raise _Exit(f"--{name}={v} is invalid: must be in [1, 65535]")
     if s.http_port is not None and s.http_port == s.port:
         raise _Exit(f"--http_port must differ from --port ({s.port})")
-    positive = {"max_model_len": s.max_model_len, "kv_cache_gb": s.kv_cache_gb, "max_message_mb": s.max_message_mb,
-                "max_num_seqs": s.max_num_seqs, "min_version_wait_s": s.min_version_wait_s}
+    positive = {
+        "max_model_len": s.max_model_len,
+        "kv_cache_gb": s.kv_cache_gb,
+        "max_message_mb": s.max_message_mb,
+        "max_num_seqs": s.max_num_seqs,
+        "min_version_wait_s": s.min_version_wait_s,
+    }
     for name, v in positive.items():
         if not v > 0:
             raise _Exit(f"--{name}={v} is invalid: must be > 0")
     if not 1 <= s.max_lora_rank <= 512:
-        raise _Exit(f"--max_lora_rank={s.max_lora_rank} is invalid: must be in [1, 512] (vLLM's largest LoRA rank is 512)")
+        raise _Exit(
+            f"--max_lora_rank={s.max_lora_rank} is invalid: must be in [1, 512] (vLLM's largest LoRA rank is 512)"
+        )
     if not 0 < s.gpu_memory_utilization <= 1:
         raise _Exit(f"--gpu_memory_utilization={s.gpu_memory_utilization} is invalid: must be in (0, 1]")
     return msgspec.structs.replace(s, model=resolve_model(s.model))
@@ -108,9 +125,15 @@ def resolve_model(model: str) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            path = Path(
+                snapshot_download(
+                    model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                )
+            )
         except Exception as e:  # noqa: BLE001 - many network/hub error types; one line for the user
-            raise _Exit(f"--model {model!r}: not a local directory and cannot be fetched from the hub ({type(e).__name__}); give a local path") from None
+            raise _Exit(
+                f"--model {model!r}: not a local directory and cannot be fetched from the hub ({type(e).__name__}); give a local path"
+            ) from None
     if not path.is_dir():
         raise _Exit(f"--model {model!r} is not a directory")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -157,7 +180,9 @@ def serve(s: ServerSettings) -> int:
             try:
                 http = OpenAIServer(s.host, s.http_port, s.token, s.max_message_mb * 1024 * 1024)
             except OSError as e:
-                raise _Exit(f"--http_port {s.http_port} on {s.host}: {e.strerror or e}; pick another port") from None
+                raise _Exit(
+                    f"--http_port {s.http_port} on {s.host}: {e.strerror or e}; pick another port"
+                ) from None
             resources.append(http)
         stop = threading.Event()
         _on_signals(stop)
@@ -177,8 +202,15 @@ def serve(s: ServerSettings) -> int:
         if http is not None:
             http.start(service)
         extra = f", OpenAI endpoint http://{s.host}:{s.http_port}/v1" if http else ""
-        log.info("ready on %s (model %s, %s, sync_mode %s, engine start %.1f s%s)",
-                 zmq_server.url, s.model, engine.dtype_name, s.sync_mode, time.perf_counter() - t0, extra)
+        log.info(
+            "ready on %s (model %s, %s, sync_mode %s, engine start %.1f s%s)",
+            zmq_server.url,
+            s.model,
+            engine.dtype_name,
+            s.sync_mode,
+            time.perf_counter() - t0,
+            extra,
+        )
         zmq_server.serve(service, stop)
         log.info("stopping")
         return 0

@@ -45,7 +45,9 @@ def vllm_lora_rank(max_rank: int) -> int:
     for r in _VLLM_LORA_RANKS:
         if r >= max_rank:
             return r
-    raise ValueError(f"max_lora_rank={max_rank} is above vLLM's largest supported rank {_VLLM_LORA_RANKS[-1]}")
+    raise ValueError(
+        f"max_lora_rank={max_rank} is above vLLM's largest supported rank {_VLLM_LORA_RANKS[-1]}"
+    )
 
 
 class VllmEngine:
@@ -78,7 +80,12 @@ class VllmEngine:
         if settings.sync_mode == "lora":
             # One adapter active at a time (the live student); the previous one stays cached on CPU
             # until it is removed right after the switch.
-            kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(settings.max_lora_rank), max_loras=1, max_cpu_loras=2)
+            kw.update(
+                enable_lora=True,
+                max_lora_rank=vllm_lora_rank(settings.max_lora_rank),
+                max_loras=1,
+                max_cpu_loras=2,
+            )
         # A partial reload makes vLLM warn once per untouched layer ("Failed to load weights") and
         # list every weight not in the push: expected here, and noise at every push.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
@@ -114,24 +121,38 @@ class VllmEngine:
         """
         params = [self._params(s, s.seed, detokenize=False) for s in sampling]
         outs = self.llm.generate(
-            [{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False, lora_request=self._lora
+            [{"prompt_token_ids": p.token_ids} for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self._lora,
         )
         result = []
         for p, o in zip(prompts, outs, strict=True):
             c = o.outputs[0]
             ids = list(c.token_ids)
             lps = [step[t].logprob for t, step in zip(ids, c.logprobs or [], strict=True)]
-            result.append(Completion(prompt_id=p.prompt_id, token_ids=ids, logprobs=lps, finish_reason=c.finish_reason or "length"))
+            result.append(
+                Completion(
+                    prompt_id=p.prompt_id,
+                    token_ids=ids,
+                    logprobs=lps,
+                    finish_reason=c.finish_reason or "length",
+                )
+            )
         return result
 
     def generate_text(self, prompt_ids: list[int], spec: SamplingSpec) -> tuple[str, Completion]:
         """For the OpenAI endpoint: one completion with its text."""
         params = self._params(spec, spec.seed, detokenize=True)
-        o = self.llm.generate([{"prompt_token_ids": prompt_ids}], [params], use_tqdm=False, lora_request=self._lora)[0]
+        o = self.llm.generate(
+            [{"prompt_token_ids": prompt_ids}], [params], use_tqdm=False, lora_request=self._lora
+        )[0]
         c = o.outputs[0]
         ids = list(c.token_ids)
         lps = [step[t].logprob for t, step in zip(ids, c.logprobs or [], strict=True)]
-        return c.text, Completion(prompt_id="", token_ids=ids, logprobs=lps, finish_reason=c.finish_reason or "length")
+        return c.text, Completion(
+            prompt_id="", token_ids=ids, logprobs=lps, finish_reason=c.finish_reason or "length"
+        )
 
     def score(self, token_ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1 under the serving weights (len(ids) - 1 values)."""
@@ -140,7 +161,9 @@ class VllmEngine:
         if len(token_ids) < 2:
             return []
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        o = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False, lora_request=self._lora)[0]
+        o = self.llm.generate(
+            [{"prompt_token_ids": token_ids}], params, use_tqdm=False, lora_request=self._lora
+        )[0]
         plp = o.prompt_logprobs or []
         return [float(plp[i][token_ids[i]].logprob) for i in range(1, len(token_ids))]
 
@@ -155,7 +178,7 @@ class VllmEngine:
         maps = self.llm.apply_model(lambda m: dict(getattr(m, "packed_modules_mapping", {}) or {}))
         return {k: list(v) for k, v in maps[0].items()}
 
-    def load_merged(self, weights: dict[str, "torch.Tensor"]) -> None:
+    def load_merged(self, weights: dict[str, torch.Tensor]) -> None:
         """Load HF-named tensors into the running model, in place.
 
         Uses the worker's `reload_weights`, which wraps `model.load_weights` in vLLM's layerwise
@@ -163,7 +186,9 @@ class VllmEngine:
         oneDNN handles (measured-facts.md). The caller validated every name, shape and dtype:
         an exception between the helpers' initialize and finalize leaves a half-restored model.
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items()), "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(weights.items()), "is_checkpoint_format": True}
+        )
         # The prefix cache is keyed by tokens only; its KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
 

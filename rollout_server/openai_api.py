@@ -48,7 +48,9 @@ class OpenAIServer:
 
     def start(self, service: Any) -> None:
         self.service = service
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="gkd-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="gkd-http", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -59,7 +61,10 @@ class OpenAIServer:
     # ---- request handling (HTTP threads) ---------------------------------------------------
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "gkd-service"}]}
+        return {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "gkd-service"}],
+        }
 
     def complete(self, body: dict, chat: bool) -> dict:
         from shared.messages import SamplingSpec
@@ -95,22 +100,48 @@ class OpenAIServer:
         def job(engine: Any) -> tuple[int, str, Any]:
             # Tokenize on the engine thread too: one thread owns the tokenizer.
             tok = engine.tokenizer
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if chat else prompt
+            text = (
+                tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                if chat
+                else prompt
+            )
             ids = tok.encode(text, add_special_tokens=not chat)
             if len(ids) >= max_len:
                 raise HttpError(400, f"prompt of {len(ids)} tokens does not fit max_model_len {max_len}")
-            s = spec if len(ids) + spec.max_new_tokens <= max_len else _replace(spec, max_new_tokens=max_len - len(ids))
+            s = (
+                spec
+                if len(ids) + spec.max_new_tokens <= max_len
+                else _replace(spec, max_new_tokens=max_len - len(ids))
+            )
             out_text, comp = engine.generate_text(ids, s)
             return len(ids), out_text, comp
 
         (n_prompt, text, comp), version = self.service.run_exclusive(job, timeout_s=600)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(comp.token_ids), "total_tokens": n_prompt + len(comp.token_ids)}
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.get("model") or MODEL_ID,
-                "usage": usage, "policy_version": version}
+        usage = {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": len(comp.token_ids),
+            "total_tokens": n_prompt + len(comp.token_ids),
+        }
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_ID,
+            "usage": usage,
+            "policy_version": version,
+        }
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": comp.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": comp.finish_reason,
+                "logprobs": None,
+            }
             return {**base, "object": "chat.completion", "choices": [choice]}
-        return {**base, "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": comp.finish_reason, "logprobs": None}]}
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": comp.finish_reason, "logprobs": None}],
+        }
 
 
 def _replace(spec: Any, **kw: Any) -> Any:
@@ -181,7 +212,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}}
         except Exception as e:  # noqa: BLE001 - a failed request must not kill the server
             log.exception("http request failed")
-            status, payload = 500, {"error": {"message": f"internal error: {e}", "type": "server_error", "code": 500}}
+            status, payload = (
+                500,
+                {"error": {"message": f"internal error: {e}", "type": "server_error", "code": 500}},
+            )
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -66,7 +66,9 @@ class _Work:
 class RolloutService:
     def __init__(self, engine: Any, settings: ServerSettings, *, adapter_root: str | Path | None = None):
         if settings.needs_token() and not settings.token:
-            raise ValueError(f"host={settings.host} is beyond loopback: a token is required (--token or GKD_TOKEN)")
+            raise ValueError(
+                f"host={settings.host} is beyond loopback: a token is required (--token or GKD_TOKEN)"
+            )
         from rollout_server.weights import BaseWeights
 
         self.engine = engine
@@ -75,7 +77,9 @@ class RolloutService:
         self._token = settings.token.encode() if settings.token else None
         packed = engine.packed_modules() if settings.sync_mode == "merged" else {}
         # lora mode needs only the shapes (for validation); merged mode keeps the fp32 values too.
-        self.base = BaseWeights(settings.model, engine.dtype, packed, keep_values=settings.sync_mode == "merged")
+        self.base = BaseWeights(
+            settings.model, engine.dtype, packed, keep_values=settings.sync_mode == "merged"
+        )
         self._own_root = adapter_root is None and settings.sync_mode == "lora"
         if self._own_root:
             adapter_root = tempfile.mkdtemp(prefix="gkd-adapters-")
@@ -98,20 +102,44 @@ class RolloutService:
     def handle_bytes(self, data: bytes, reply: Callable[[bytes], None]) -> None:
         """Decode one client message and arrange exactly one encoded reply."""
         if len(data) > self.max_bytes:
-            reply(encode(ErrorReply(code="too_large", message=f"message of {len(data)} bytes is over the server's --max_message_mb={self.settings.max_message_mb}")))
+            reply(
+                encode(
+                    ErrorReply(
+                        code="too_large",
+                        message=f"message of {len(data)} bytes is over the server's --max_message_mb={self.settings.max_message_mb}",
+                    )
+                )
+            )
             return
         try:
             env = decode_request(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            reply(encode(ErrorReply(code="bad_request", message=f"malformed message ({e}); send a msgpack Envelope from shared.messages")))
+            reply(
+                encode(
+                    ErrorReply(
+                        code="bad_request",
+                        message=f"malformed message ({e}); send a msgpack Envelope from shared.messages",
+                    )
+                )
+            )
             return
         rid = getattr(env.body, "request_id", "")
         if self._token is not None and not hmac.compare_digest(env.token.encode(), self._token):
-            reply(encode(ErrorReply(code="unauthorized", message="missing or wrong token; pass the server's --token (GKD_TOKEN)", request_id=rid)))
+            reply(
+                encode(
+                    ErrorReply(
+                        code="unauthorized",
+                        message="missing or wrong token; pass the server's --token (GKD_TOKEN)",
+                        request_id=rid,
+                    )
+                )
+            )
             return
         self.submit(env.body, lambda r: reply(encode(r)))
 
-    def submit(self, body: GenerateRequest | PushAdapter | StatusRequest, reply: Callable[[Reply], None]) -> None:
+    def submit(
+        self, body: GenerateRequest | PushAdapter | StatusRequest, reply: Callable[[Reply], None]
+    ) -> None:
         """Typed entry point (already authenticated): exactly one reply, possibly from another thread."""
         if isinstance(body, StatusRequest):
             reply(self.status())
@@ -197,7 +225,11 @@ class RolloutService:
             except Exception as e:  # noqa: BLE001 - a bug here must not strand every later request
                 log.exception("engine thread error")
                 for w in batch:
-                    err = ErrorReply(code="internal", message=f"server error: {e}", request_id=getattr(w.body, "request_id", ""))
+                    err = ErrorReply(
+                        code="internal",
+                        message=f"server error: {e}",
+                        request_id=getattr(w.body, "request_id", ""),
+                    )
                     self._safe_reply(w, e if callable(w.body) else err)
         with self._cv:
             left = list(self._queue) + self._waiting
@@ -239,7 +271,9 @@ class RolloutService:
             if w.deadline <= now:
                 msg = f"policy version {w.body.min_version} was not pushed within {self.settings.min_version_wait_s:.0f} s (serving {self.version})"
                 # Replying under the lock is fine: callbacks only enqueue bytes for a transport.
-                self._safe_reply(w, ErrorReply(code="version_timeout", message=msg, request_id=w.body.request_id))
+                self._safe_reply(
+                    w, ErrorReply(code="version_timeout", message=msg, request_id=w.body.request_id)
+                )
             else:
                 keep.append(w)
         self._waiting = keep
@@ -267,7 +301,12 @@ class RolloutService:
             log.exception("generate failed")
             self.healthy = _engine_alive(e)
             for w in batch:
-                self._safe_reply(w, ErrorReply(code="internal", message=f"generation failed: {e}", request_id=w.body.request_id))
+                self._safe_reply(
+                    w,
+                    ErrorReply(
+                        code="internal", message=f"generation failed: {e}", request_id=w.body.request_id
+                    ),
+                )
             return
         dt = time.perf_counter() - t0
         with self._cv:
@@ -277,11 +316,16 @@ class RolloutService:
         it = iter(comps)
         for w in batch:
             mine: list[Completion] = [next(it) for _ in w.body.prompts]
-            self._safe_reply(w, GenerateReply(request_id=w.body.request_id, policy_version=version, completions=mine, generate_s=dt))
+            self._safe_reply(
+                w,
+                GenerateReply(
+                    request_id=w.body.request_id, policy_version=version, completions=mine, generate_s=dt
+                ),
+            )
 
     def _push(self, w: _Work) -> None:
-        from shared.adapters import AdapterError
         from rollout_server.weights import ChecksumError
+        from shared.adapters import AdapterError
 
         msg: PushAdapter = w.body
         t0 = time.perf_counter()
@@ -291,14 +335,29 @@ class RolloutService:
         except ChecksumError as e:
             return self._safe_reply(w, ErrorReply(code="checksum", message=str(e)))
         except (AdapterError, _VersionError) as e:
-            return self._safe_reply(w, ErrorReply(code="invalid_adapter" if isinstance(e, AdapterError) else "bad_version", message=str(e)))
+            return self._safe_reply(
+                w,
+                ErrorReply(
+                    code="invalid_adapter" if isinstance(e, AdapterError) else "bad_version", message=str(e)
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - the server reports and keeps running
             log.exception("push of version %d failed", msg.version)
             self.healthy = _engine_alive(e)
-            return self._safe_reply(w, ErrorReply(code="internal", message=f"reload of version {msg.version} failed: {e}"))
+            return self._safe_reply(
+                w, ErrorReply(code="internal", message=f"reload of version {msg.version} failed: {e}")
+            )
         log.info("serving policy version %d (reload %.3f s)", self.version, reload_s)
         self._release_waiting()
-        self._safe_reply(w, PushReply(version=self.version, reload_s=reload_s, canary_logprobs=canary, serving_dtype=self.engine.dtype_name))
+        self._safe_reply(
+            w,
+            PushReply(
+                version=self.version,
+                reload_s=reload_s,
+                canary_logprobs=canary,
+                serving_dtype=self.engine.dtype_name,
+            ),
+        )
 
     def _apply_push(self, msg: PushAdapter, t0: float) -> float:
         """Validate everything, then load; returns seconds from dequeue to new weights serving."""
@@ -351,8 +410,10 @@ class RolloutService:
             if not p.token_ids:
                 return f"prompt {p.prompt_id!r} is empty"
             if len(p.token_ids) + s.max_new_tokens > self.settings.max_model_len:
-                return (f"prompt {p.prompt_id!r}: {len(p.token_ids)} tokens + max_new_tokens {s.max_new_tokens} "
-                        f"exceed the server's max_model_len {self.settings.max_model_len}; shorten it or restart with a larger --max_model_len")
+                return (
+                    f"prompt {p.prompt_id!r}: {len(p.token_ids)} tokens + max_new_tokens {s.max_new_tokens} "
+                    f"exceed the server's max_model_len {self.settings.max_model_len}; shorten it or restart with a larger --max_model_len"
+                )
             if min(p.token_ids) < 0 or max(p.token_ids) >= vocab:
                 return f"prompt {p.prompt_id!r} holds token ids outside the vocabulary [0, {vocab})"
         return ""
@@ -360,7 +421,11 @@ class RolloutService:
     def _unavailable(self, w: _Work) -> Any:
         if callable(w.body):
             return ServiceClosed("rollout server shutting down")
-        return ErrorReply(code="unavailable", message="rollout server shutting down; retry after it restarts", request_id=getattr(w.body, "request_id", ""))
+        return ErrorReply(
+            code="unavailable",
+            message="rollout server shutting down; retry after it restarts",
+            request_id=getattr(w.body, "request_id", ""),
+        )
 
     @staticmethod
     def _safe_reply(w: _Work, r: Any) -> None:

@@ -15,7 +15,9 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 5555  # ZeroMQ ROUTER port (tcp://host:port)
     token: str | None = None  # shared secret checked on every request (env GKD_TOKEN)
     sync_mode: Literal["merged", "lora"] = "merged"  # merge adapters into base weights, or vLLM LoRA
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # serving dtype (auto: bf16 on CUDA, fp32 on CPU... see engine)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # serving dtype (auto: bf16 on CUDA, fp32 on CPU... see engine)
+    )
     max_model_len: int = 2048  # longest prompt+completion the engine accepts
     gpu_memory_utilization: float = 0.85  # CUDA only: share of GPU memory vLLM may take
     kv_cache_gb: float = 1.0  # CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)

@@ -29,14 +29,16 @@ class ChecksumError(AdapterError):
     """The adapter bytes do not hash to the pushed sha256."""
 
 
-def load_base(model_dir: str) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+def load_base(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read the linear weights (fp32, HF names) and their biases from the model's safetensors."""
     import torch
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files; the rollout server needs safetensors weights")
+        raise FileNotFoundError(
+            f"{model_dir}: no *.safetensors files; the rollout server needs safetensors weights"
+        )
     weights: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
     for f in files:
@@ -55,7 +57,13 @@ def load_base(model_dir: str) -> tuple[dict[str, "torch.Tensor"], dict[str, "tor
 class BaseWeights:
     """The pristine copy of everything an adapter can touch, and what the engine currently holds."""
 
-    def __init__(self, model_dir: str, serving_dtype: "torch.dtype", packed_modules: dict[str, list[str]], keep_values: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        serving_dtype: torch.dtype,
+        packed_modules: dict[str, list[str]],
+        keep_values: bool = True,
+    ):
         self.pristine, self._biases = load_base(model_dir)
         self.shapes = {k: tuple(v.shape) for k, v in self.pristine.items()}
         if not keep_values:  # lora mode validates shapes only; don't hold a second copy of the model
@@ -65,12 +73,16 @@ class BaseWeights:
         self._siblings = {part: parts for parts in packed_modules.values() for part in parts}
         self._dirty: set[str] = set()  # weights the engine holds merged (not pristine) right now
 
-    def check(self, data: bytes, sha256: str, spec: LoraSpec, max_rank: int) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+    def check(
+        self, data: bytes, sha256: str, spec: LoraSpec, max_rank: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """All validation of a pushed adapter; returns its {base weight: (A, B)} pairs."""
         import torch
 
         if sha256_hex(data) != sha256.lower():
-            raise ChecksumError("adapter bytes do not match the pushed sha256 (corrupted in transit?); push it again")
+            raise ChecksumError(
+                "adapter bytes do not match the pushed sha256 (corrupted in transit?); push it again"
+            )
         pairs = lora_pairs(unpack(data))
         validate_pairs(pairs, self.shapes, spec, max_rank)
         if not set(spec.target_modules) & {"all-linear", "all_linear"}:
@@ -78,7 +90,9 @@ class BaseWeights:
                 module = weight[: -len(".weight")]
                 # PEFT's rule: a target matches the full module name or its last dotted parts.
                 if not any(module == t or module.endswith("." + t) for t in spec.target_modules):
-                    raise AdapterError(f"adapter holds {weight!r} but lora.target_modules={spec.target_modules} does not cover it")
+                    raise AdapterError(
+                        f"adapter holds {weight!r} but lora.target_modules={spec.target_modules} does not cover it"
+                    )
         if not math.isfinite(scale_of(spec)):
             raise AdapterError(f"lora_alpha={spec.lora_alpha}, r={spec.r} give a non-finite scale")
         for weight, (a, b) in pairs.items():
@@ -86,7 +100,9 @@ class BaseWeights:
                 raise AdapterError(f"adapter for {weight!r} holds NaN or inf values")
         return pairs
 
-    def merged(self, pairs: dict[str, tuple["torch.Tensor", "torch.Tensor"]], spec: LoraSpec) -> dict[str, "torch.Tensor"]:
+    def merged(
+        self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: LoraSpec
+    ) -> dict[str, torch.Tensor]:
         """The tensors to load so that the engine holds exactly pristine + this adapter.
 
         Besides the merged targets this includes (a) weights a previous adapter touched and this
@@ -108,7 +124,7 @@ class BaseWeights:
                 out[bias] = self._biases[bias].to(self.dtype)
         return out
 
-    def committed(self, pairs: dict[str, tuple["torch.Tensor", "torch.Tensor"]]) -> None:
+    def committed(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Record what the engine holds after a successful load."""
         self._dirty = set(pairs)
 

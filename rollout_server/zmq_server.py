@@ -12,6 +12,7 @@ it into ServerUnavailable at once); other clients and the server are unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -45,7 +46,9 @@ class ZmqServer:
             self._sock.close(0)
             self._ctx.term()
             if e.errno == zmq.EADDRINUSE:
-                raise PortInUse(f"port {port} on {host} is already in use; pick another --port or stop the process holding it") from None
+                raise PortInUse(
+                    f"port {port} on {host} is already in use; pick another --port or stop the process holding it"
+                ) from None
             raise OSError(f"cannot bind {self.url}: {e}") from None
         self._out: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -84,10 +87,9 @@ class ZmqServer:
     def _queue_reply(self, envelope: list[bytes], data: bytes) -> None:
         """Called from any thread."""
         self._out.put([*envelope, data])
-        try:
+        # BlockingIOError: the pipe already holds a wake-up; OSError: we are closing.
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe already holds a wake-up (or we are closing)
 
     def _flush(self) -> None:
         while True:

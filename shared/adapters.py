@@ -30,14 +30,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pack(tensors: dict[str, "torch.Tensor"]) -> bytes:
+def pack(tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialize adapter tensors to safetensors bytes (contiguous, CPU)."""
     from safetensors.torch import save
 
     return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
-def unpack(data: bytes) -> dict[str, "torch.Tensor"]:
+def unpack(data: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes. safetensors never executes code, unlike pickle."""
     from safetensors.torch import load
 
@@ -47,7 +47,7 @@ def unpack(data: bytes) -> dict[str, "torch.Tensor"]:
         raise AdapterError(f"adapter is not valid safetensors: {e}") from None
 
 
-def lora_pairs(tensors: dict[str, "torch.Tensor"]) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Group PEFT tensor names into {base weight name: (A [r, in], B [out, r])}."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -68,7 +68,7 @@ def scale_of(spec: LoraSpec) -> float:
 
 
 def validate_pairs(
-    pairs: dict[str, tuple["torch.Tensor", "torch.Tensor"]],
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     base_shapes: dict[str, tuple[int, ...]],
     spec: LoraSpec,
     max_rank: int,
@@ -77,7 +77,9 @@ def validate_pairs(
     import torch
 
     if spec.r > max_rank:
-        raise AdapterError(f"adapter rank r={spec.r} exceeds the server's max_lora_rank={max_rank}; restart the server with a larger --max_lora_rank")
+        raise AdapterError(
+            f"adapter rank r={spec.r} exceeds the server's max_lora_rank={max_rank}; restart the server with a larger --max_lora_rank"
+        )
     if not pairs:
         raise AdapterError("adapter holds no LoRA tensors")
     for weight, (a, b) in pairs.items():
@@ -85,7 +87,9 @@ def validate_pairs(
             raise AdapterError(f"adapter targets {weight!r}, which the model does not have")
         out_f, in_f = base_shapes[weight]
         if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != a.dtype:
-            raise AdapterError(f"adapter for {weight!r} has dtype {a.dtype}/{b.dtype}; expected a float dtype")
+            raise AdapterError(
+                f"adapter for {weight!r} has dtype {a.dtype}/{b.dtype}; expected a float dtype"
+            )
         if tuple(a.shape) != (spec.r, in_f) or tuple(b.shape) != (out_f, spec.r):
             raise AdapterError(
                 f"adapter for {weight!r} has shapes A{tuple(a.shape)} B{tuple(b.shape)}; "
@@ -94,11 +98,11 @@ def validate_pairs(
 
 
 def merge_lora(
-    base: dict[str, "torch.Tensor"],
-    pairs: dict[str, tuple["torch.Tensor", "torch.Tensor"]],
+    base: dict[str, torch.Tensor],
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     scale: float,
-    out_dtype: "torch.dtype",
-) -> dict[str, "torch.Tensor"]:
+    out_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
     """W' = W + scale * B @ A for each targeted weight, computed in fp32 from the pristine W.
 
     Always starting from the pristine base (never from the last merge) keeps rounding from

@@ -213,22 +213,52 @@ def validate(cfg: Config) -> list[str]:
     need(g.temperature > 0, "temperature", g.temperature, "> 0")
     need(g.loss_temperature is None or g.loss_temperature > 0, "loss_temperature", g.loss_temperature, "> 0")
     need(g.max_new_tokens > 0, "max_new_tokens", g.max_new_tokens, "a positive integer")
-    need(t.per_device_train_batch_size > 0, "per_device_train_batch_size", t.per_device_train_batch_size, "a positive integer")
-    need(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps", t.gradient_accumulation_steps, "a positive integer")
-    need(t.max_steps == -1 or t.max_steps > 0, "max_steps", t.max_steps, "a positive integer (or -1 to use num_train_epochs)")
+    need(
+        t.per_device_train_batch_size > 0,
+        "per_device_train_batch_size",
+        t.per_device_train_batch_size,
+        "a positive integer",
+    )
+    need(
+        t.gradient_accumulation_steps > 0,
+        "gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "a positive integer",
+    )
+    need(
+        t.max_steps == -1 or t.max_steps > 0,
+        "max_steps",
+        t.max_steps,
+        "a positive integer (or -1 to use num_train_epochs)",
+    )
     need(t.num_train_epochs > 0, "num_train_epochs", t.num_train_epochs, "> 0")
     need(t.learning_rate > 0, "learning_rate", t.learning_rate, "> 0")
     need(0.0 <= t.warmup_ratio < 1.0, "warmup_ratio", t.warmup_ratio, "in [0, 1)")
     need(t.logging_steps > 0, "logging_steps", t.logging_steps, "a positive integer")
     need(t.save_steps > 0, "save_steps", t.save_steps, "a positive integer")
     need(t.eval_steps is None or t.eval_steps > 0, "eval_steps", t.eval_steps, "a positive integer")
-    need(t.loss_chunk_size is None or t.loss_chunk_size > 0, "loss_chunk_size", t.loss_chunk_size, "a positive integer")
-    need(t.torch_num_threads is None or t.torch_num_threads > 0, "torch_num_threads", t.torch_num_threads, "a positive integer")
+    need(
+        t.loss_chunk_size is None or t.loss_chunk_size > 0,
+        "loss_chunk_size",
+        t.loss_chunk_size,
+        "a positive integer",
+    )
+    need(
+        t.torch_num_threads is None or t.torch_num_threads > 0,
+        "torch_num_threads",
+        t.torch_num_threads,
+        "a positive integer",
+    )
     need(lo.lora_r > 0, "lora_r", lo.lora_r, "a positive integer")
     need(lo.lora_alpha > 0, "lora_alpha", lo.lora_alpha, "a positive integer")
     need(0.0 <= lo.lora_dropout < 1.0, "lora_dropout", lo.lora_dropout, "in [0, 1)")
     need(d.max_length > 1, "max_length", d.max_length, "an integer > 1")
-    need(d.max_prompt_length is None or 0 < d.max_prompt_length < d.max_length, "max_prompt_length", d.max_prompt_length, "in (0, max_length)")
+    need(
+        d.max_prompt_length is None or 0 < d.max_prompt_length < d.max_length,
+        "max_prompt_length",
+        d.max_prompt_length,
+        "in (0, max_length)",
+    )
     need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
     need(r.sync_steps > 0, "sync_steps", r.sync_steps, "a positive integer")
     need(r.max_staleness >= 0, "max_staleness", r.max_staleness, ">= 0")
@@ -237,7 +267,12 @@ def validate(cfg: Config) -> list[str]:
     need(r.request_timeout_s > 0, "request_timeout_s", r.request_timeout_s, "> 0")
     need(r.reconnect_deadline_s > 0, "reconnect_deadline_s", r.reconnect_deadline_s, "> 0")
     need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
-    need(bool(m.teacher_model_name_or_path), "teacher_model_name_or_path", m.teacher_model_name_or_path, "set (the teacher model)")
+    need(
+        bool(m.teacher_model_name_or_path),
+        "teacher_model_name_or_path",
+        m.teacher_model_name_or_path,
+        "set (the teacher model)",
+    )
     need(bool(d.dataset_name), "dataset_name", d.dataset_name, "set (a hub dataset or a local file)")
     if r.rollout_url is not None and not r.rollout_url.startswith(("tcp://", "ray://", "inproc://")):
         errs.append(f"rollout_url={r.rollout_url!r} is invalid: must start with tcp://, ray:// or inproc://")
@@ -247,9 +282,13 @@ def validate(cfg: Config) -> list[str]:
             errs.append(f"{field}={dev!r} is invalid: must be auto, cpu, cuda or cuda:N")
     scheme = {"zmq": "tcp://", "ray": "ray://", "inproc": "inproc://"}.get(r.transport)
     if scheme and r.rollout_url is not None and not r.rollout_url.startswith(scheme):
-        errs.append(f"transport={r.transport!r} does not match rollout_url={r.rollout_url!r}: a {r.transport} URL starts with {scheme}")
+        errs.append(
+            f"transport={r.transport!r} does not match rollout_url={r.rollout_url!r}: a {r.transport} URL starts with {scheme}"
+        )
     if g.max_new_tokens >= d.max_length:
-        errs.append(f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}")
+        errs.append(
+            f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}"
+        )
     return errs
 
 
@@ -274,7 +313,9 @@ def check_paths(cfg: Config) -> list[str]:
             errs.append(f"{field}={p!r} does not exist: give an existing model directory or a hub id")
     p = cfg.data.dataset_name
     if p and _looks_local(p) and not Path(p).exists():
-        errs.append(f"dataset_name={p!r} does not exist: give an existing file/directory or a hub dataset name")
+        errs.append(
+            f"dataset_name={p!r} does not exist: give an existing file/directory or a hub dataset name"
+        )
     return errs
 
 
@@ -302,7 +343,11 @@ def load_file(path: str) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
     except Exception as e:  # noqa: BLE001 - parser errors vary by library; report them as one line
-        raise ConfigError([f"config={path!r}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}"]) from None
+        raise ConfigError(
+            [
+                f"config={path!r}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}"
+            ]
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError([f"config={path!r}: top level must be a mapping"])
     return nest(data)
@@ -359,7 +404,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, description: str, extra: list[tuple[str, dict]] | None = None
+) -> argparse.ArgumentParser:
     """One flag per config field, named exactly like the field (the seed's names)."""
     p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML or TOML config file; flags override it.")
@@ -370,7 +417,9 @@ def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | No
             kw = _argkw(typ)
             # The seed's spelling (underscores) first; the dashed spelling is accepted too.
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-            grp.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} (default: {getattr(defaults, name)!r})", **kw)
+            grp.add_argument(
+                *flags, dest=name, help=f"{HELP.get(name, '')} (default: {getattr(defaults, name)!r})", **kw
+            )
     for flag, kw in extra or []:
         p.add_argument(flag, **kw)
     return p
@@ -392,7 +441,9 @@ def _argkw(typ: Any) -> dict[str, Any]:
     return {"type": str}
 
 
-def parse_args(argv: list[str] | None, prog: str = "gkd-learner", description: str = "", extra=None) -> tuple[Config, argparse.Namespace]:
+def parse_args(
+    argv: list[str] | None, prog: str = "gkd-learner", description: str = "", extra=None
+) -> tuple[Config, argparse.Namespace]:
     """Parse flags (+ optional --config file) into a validated Config.
 
     Returns the config and the namespace of `extra` flags. Raises ConfigError on any mistake.

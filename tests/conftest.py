@@ -131,9 +131,13 @@ def start_server(model: Path, log_path: Path, *, ready_timeout_s: float = 400.0,
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
     env.pop("GKD_TOKEN", None)
     log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True
+    )
     log_f.close()
-    srv = ServerProc(args=flags, port=port, http_port=http_port, token=flags.get("token"), log_path=log_path, proc=proc)
+    srv = ServerProc(
+        args=flags, port=port, http_port=http_port, token=flags.get("token"), log_path=log_path, proc=proc
+    )
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if "gkd-rollout-server: ready" in srv.log():
@@ -208,10 +212,23 @@ class BuiltAdapter:
     def push(self, version: int, canary_ids: list[int] | None = None):
         from shared.messages import PushAdapter
 
-        return PushAdapter(version=version, adapter=self.data, sha256=self.sha256, lora=self.lora, canary_ids=list(canary_ids or []))
+        return PushAdapter(
+            version=version,
+            adapter=self.data,
+            sha256=self.sha256,
+            lora=self.lora,
+            canary_ids=list(canary_ids or []),
+        )
 
 
-def build_adapter(student: Path, *, r: int = 8, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), scale_b: float = 0.3) -> BuiltAdapter:
+def build_adapter(
+    student: Path,
+    *,
+    r: int = 8,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    scale_b: float = 0.3,
+) -> BuiltAdapter:
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -220,7 +237,9 @@ def build_adapter(student: Path, *, r: int = 8, seed: int = 0, targets: tuple[st
     from shared.messages import LoraSpec
 
     model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -228,7 +247,12 @@ def build_adapter(student: Path, *, r: int = 8, seed: int = 0, targets: tuple[st
                 p.copy_(torch.randn(p.shape, generator=gen) * scale_b)
     data = pack(get_peft_model_state_dict(peft_model))
     merged = peft_model.merge_and_unload().eval()
-    return BuiltAdapter(data=data, sha256=sha256_hex(data), lora=LoraSpec(r=r, lora_alpha=2 * r, target_modules=list(targets)), merged=merged)
+    return BuiltAdapter(
+        data=data,
+        sha256=sha256_hex(data),
+        lora=LoraSpec(r=r, lora_alpha=2 * r, target_modules=list(targets)),
+        merged=merged,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -248,8 +272,14 @@ def hf_greedy(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-            out.append(ids[0, len(p):].tolist())
+            ids = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out.append(ids[0, len(p) :].tolist())
     return out
 
 
@@ -278,7 +308,7 @@ def hf_student(tiny_models: TinyModels):
 # middle of the first ZeroMQ message frame at least that long (learner -> server): corruption in
 # transit, which the adapter's sha256 must catch. It parses ZMTP 3 framing (64-byte greeting, then
 # frames of flags + 1- or 8-byte length + body) and forwards everything else untouched.
-RELAY_SRC = r'''
+RELAY_SRC = r"""
 import socket, sys, threading
 listen, target, corrupt_min = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
@@ -346,7 +376,7 @@ while True:
         continue
     threading.Thread(target=pipe, args=(client, upstream, Corrupter()), daemon=True).start()
     threading.Thread(target=pipe, args=(upstream, client, None), daemon=True).start()
-'''
+"""
 
 
 @dataclass
@@ -369,8 +399,12 @@ class Relay:
 
 def start_relay(target_port: int, *, corrupt_min_bytes: int = 0) -> Relay:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", RELAY_SRC, str(port), str(target_port), str(corrupt_min_bytes)],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RELAY_SRC, str(port), str(target_port), str(corrupt_min_bytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     if proc.stdout.readline().strip() != "relay ready":
         proc.kill()
         pytest.fail("relay did not start")
@@ -394,12 +428,38 @@ def relay():
 def learner_argv(models: TinyModels, dataset: Path, out: Path, url: str, *extra: str) -> list[str]:
     """`python -m learner` on the tiny models: small batches, short completions, every step logged."""
     return [
-        sys.executable, "-m", "learner",
-        "--model_name_or_path", str(models.student), "--teacher_model_name_or_path", str(models.teacher),
-        "--dataset_name", str(dataset), "--output_dir", str(out), "--rollout_url", url,
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_new_tokens", "16",
-        "--max_length", "128", "--logging_steps", "1", "--learning_rate", "1e-3", "--lora_r", "8", "--lora_alpha", "16",
-        "--request_timeout_s", "120", *extra,
+        sys.executable,
+        "-m",
+        "learner",
+        "--model_name_or_path",
+        str(models.student),
+        "--teacher_model_name_or_path",
+        str(models.teacher),
+        "--dataset_name",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--rollout_url",
+        url,
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_new_tokens",
+        "16",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--request_timeout_s",
+        "120",
+        *extra,
     ]
 
 
@@ -414,7 +474,15 @@ def start_learner(argv: list[str], log_path: Path, **popen_kw: Any) -> subproces
     """Start a learner process (its own session, stdout+stderr to log_path); stop it by PID."""
     log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
     try:
-        return subprocess.Popen(argv, cwd=REPO, env=learner_env(), stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True, **popen_kw)
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=learner_env(),
+            stdout=log_f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen_kw,
+        )
     finally:
         log_f.close()
 

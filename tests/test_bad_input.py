@@ -46,7 +46,13 @@ class Ctx:
 def ctx(tiny_models, tiny_dataset, server_pool, tmp_path_factory) -> Ctx:
     files = tmp_path_factory.mktemp("bad_inputs")
     _build_bad_inputs(files, tiny_models)
-    return Ctx(tiny_models, tiny_dataset, files, _prior_run(files / "prior"), lambda: server_pool.get(fresh=False, **SECURE))
+    return Ctx(
+        tiny_models,
+        tiny_dataset,
+        files,
+        _prior_run(files / "prior"),
+        lambda: server_pool.get(fresh=False, **SECURE),
+    )
 
 
 def _build_bad_inputs(d: Path, models: TinyModels) -> None:
@@ -56,7 +62,9 @@ def _build_bad_inputs(d: Path, models: TinyModels) -> None:
     (d / "unknown_key.yaml").write_text("lmbdaa: 0.5\n")
     (d / "a_directory.yaml").mkdir()
     (d / "a_file").write_text("")
-    (d / "columns.jsonl").write_text("".join(json.dumps({"question": q, "answer": "ok"}) + "\n" for q in corpus(8)))
+    (d / "columns.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": "ok"}) + "\n" for q in corpus(8))
+    )
     (d / "empty.jsonl").write_text("")
     # 12 ordinary prompts and 4 of ~200 words: over max_prompt_length = 128 - 16 = 112 tokens.
     lines = corpus(40, seed=7)
@@ -78,15 +86,23 @@ def _prior_run(out: Path) -> Path:
 
     out.mkdir()
     (out / "config.json").write_text('{"earlier": "run"}\n')
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "policy_version": 2}\n{"step": 2, "loss": 0.4, "policy_version": 3}\n')
+    (out / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.5, "policy_version": 2}\n{"step": 2, "loss": 0.4, "policy_version": 3}\n'
+    )
     (out / "adapter_config.json").write_text('{"r": 8}\n')
     (out / "adapter_model.safetensors").write_bytes(b"earlier adapter")
-    checkpoint.save(out, TrainState(2, 3, Cursor(0, 8), 4), {"a": torch.ones(4)}, {"state": {}}, {"last_epoch": 2})
+    checkpoint.save(
+        out, TrainState(2, 3, Cursor(0, 8), 4), {"a": torch.ones(4)}, {"state": {}}, {"last_epoch": 2}
+    )
     return out
 
 
 def tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
+    return (
+        {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        if path.exists()
+        else {}
+    )
 
 
 # ---------------------------------------------------------------- the table
@@ -99,7 +115,9 @@ class Case:
     says: tuple[str, ...]  # words the one error line must contain
     prog: str = "gkd-learner"
     server: bool = False  # needs the shared server
-    wire: Callable[[Ctx], str] | None = None  # instead of a command: talk to the socket, return the error line
+    wire: Callable[[Ctx], str] | None = (
+        None  # instead of a command: talk to the socket, return the error line
+    )
     ok: bool = False  # counted, not fatal
 
 
@@ -118,11 +136,18 @@ def learner(*extra: str, token: str | None = TOKEN, server: bool = True) -> Call
 def _free_port_url(c: Ctx, out: Path) -> list[str]:
     from conftest import _free_port
 
-    return learner(server=False)(c, out) + ["--rollout_url", f"tcp://127.0.0.1:{_free_port()}", "--reconnect_deadline_s", "3"]
+    return learner(server=False)(c, out) + [
+        "--rollout_url",
+        f"tcp://127.0.0.1:{_free_port()}",
+        "--reconnect_deadline_s",
+        "3",
+    ]
 
 
 def _through_corrupting_relay(c: Ctx, out: Path) -> list[str]:
-    relay = start_relay(c.get_server().port, corrupt_min_bytes=64 * 1024)  # the adapter push is the first message that big
+    relay = start_relay(
+        c.get_server().port, corrupt_min_bytes=64 * 1024
+    )  # the adapter push is the first message that big
     _RELAYS.append(relay)
     return learner()(c, out) + ["--rollout_url", relay.url]
 
@@ -131,7 +156,15 @@ _RELAYS: list = []
 
 
 def _port_in_use(c: Ctx, out: Path) -> list[str]:
-    return [sys.executable, "-m", "rollout_server", "--model", str(c.models.student), "--port", str(c.get_server().port)]
+    return [
+        sys.executable,
+        "-m",
+        "rollout_server",
+        "--model",
+        str(c.models.student),
+        "--port",
+        str(c.get_server().port),
+    ]
 
 
 def _malformed(c: Ctx) -> str:
@@ -160,9 +193,8 @@ def _oversized(c: Ctx) -> str:
     srv = c.get_server()
     req = gen_request(max_new_tokens=2)
     req.prompts[0].prompt_id = "x" * (srv.args["max_message_mb"] + 1) * 1024 * 1024  # inside a valid message
-    with srv.client(max_message_mb=64, timeout_s=60) as client:
-        with pytest.raises(ServerUnavailable) as e:
-            client.generate(req)
+    with srv.client(max_message_mb=64, timeout_s=60) as client, pytest.raises(ServerUnavailable) as e:
+        client.generate(req)
     return str(e.value)
 
 
@@ -170,30 +202,94 @@ CASES = [
     # ---- the command line and the config file (answered before anything heavy is imported)
     Case("lmbda_above_1", learner("--lmbda", "1.5", server=False), ("lmbda=1.5 is invalid", "[0, 1]")),
     Case("beta_below_0", learner("--beta", "-0.1", server=False), ("beta=-0.1 is invalid", "[0, 1]")),
-    Case("batch_size_0", learner("--per_device_train_batch_size", "0", server=False), ("per_device_train_batch_size=0 is invalid", "positive")),
+    Case(
+        "batch_size_0",
+        learner("--per_device_train_batch_size", "0", server=False),
+        ("per_device_train_batch_size=0 is invalid", "positive"),
+    ),
     Case("max_steps_0", learner("--max_steps", "0", server=False), ("max_steps=0 is invalid", "positive")),
-    Case("unknown_flag", learner("--lmbdaa", "0.5", server=False), ("unrecognized arguments: --lmbdaa", "--help")),
-    Case("config_missing", learner("--config", "{files}/nope.yaml", server=False), ("nope.yaml", "file not found or not readable")),
-    Case("config_unreadable", learner("--config", "{files}/a_directory.yaml", server=False), ("a_directory.yaml", "not readable")),
-    Case("config_not_yaml", learner("--config", "{files}/not_yaml.yaml", server=False), ("not_yaml.yaml", "not valid YAML")),
-    Case("config_unknown_key", learner("--config", "{files}/unknown_key.yaml", server=False), ("lmbdaa: unknown setting", "--help")),
-    Case("model_path_missing", learner("--model_name_or_path", "{files}/no_such_model", server=False), ("no_such_model", "does not exist")),
+    Case(
+        "unknown_flag",
+        learner("--lmbdaa", "0.5", server=False),
+        ("unrecognized arguments: --lmbdaa", "--help"),
+    ),
+    Case(
+        "config_missing",
+        learner("--config", "{files}/nope.yaml", server=False),
+        ("nope.yaml", "file not found or not readable"),
+    ),
+    Case(
+        "config_unreadable",
+        learner("--config", "{files}/a_directory.yaml", server=False),
+        ("a_directory.yaml", "not readable"),
+    ),
+    Case(
+        "config_not_yaml",
+        learner("--config", "{files}/not_yaml.yaml", server=False),
+        ("not_yaml.yaml", "not valid YAML"),
+    ),
+    Case(
+        "config_unknown_key",
+        learner("--config", "{files}/unknown_key.yaml", server=False),
+        ("lmbdaa: unknown setting", "--help"),
+    ),
+    Case(
+        "model_path_missing",
+        learner("--model_name_or_path", "{files}/no_such_model", server=False),
+        ("no_such_model", "does not exist"),
+    ),
     # ---- found once the models, the data or the output directory are looked at
-    Case("output_dir_under_a_file", learner("--output_dir", "{files}/a_file/out", server=False), ("a_file", "cannot be written", "--output_dir")),
-    Case("tokenizers_disagree", learner("--teacher_model_name_or_path", "{files}/other_teacher"), ("tokenizers disagree", "share one tokenizer"), server=True),
-    Case("dataset_missing_columns", learner("--dataset_name", "{files}/columns.jsonl"), ("['answer', 'question']", "expected 'messages'"), server=True),
-    Case("dataset_empty", learner("--dataset_name", "{files}/empty.jsonl"), ("empty.jsonl", "is empty"), server=True),
-    Case("prompt_over_max_length", learner("--dataset_name", "{files}/overlong.jsonl", "--max_steps", "1"), ("4 prompts over max_prompt_length=112 skipped",),
-         server=True, ok=True),
+    Case(
+        "output_dir_under_a_file",
+        learner("--output_dir", "{files}/a_file/out", server=False),
+        ("a_file", "cannot be written", "--output_dir"),
+    ),
+    Case(
+        "tokenizers_disagree",
+        learner("--teacher_model_name_or_path", "{files}/other_teacher"),
+        ("tokenizers disagree", "share one tokenizer"),
+        server=True,
+    ),
+    Case(
+        "dataset_missing_columns",
+        learner("--dataset_name", "{files}/columns.jsonl"),
+        ("['answer', 'question']", "expected 'messages'"),
+        server=True,
+    ),
+    Case(
+        "dataset_empty",
+        learner("--dataset_name", "{files}/empty.jsonl"),
+        ("empty.jsonl", "is empty"),
+        server=True,
+    ),
+    Case(
+        "prompt_over_max_length",
+        learner("--dataset_name", "{files}/overlong.jsonl", "--max_steps", "1"),
+        ("4 prompts over max_prompt_length=112 skipped",),
+        server=True,
+        ok=True,
+    ),
     # ---- the server and the wire
-    Case("rank_above_server_max", learner("--lora_r", "64", "--lora_alpha", "128"), ("invalid_adapter", "r=64", "max_lora_rank=32", "--max_lora_rank"), server=True),
-    Case("push_corrupted_in_transit", _through_corrupting_relay, ("checksum", "sha256", "push it again"), server=True),
+    Case(
+        "rank_above_server_max",
+        learner("--lora_r", "64", "--lora_alpha", "128"),
+        ("invalid_adapter", "r=64", "max_lora_rank=32", "--max_lora_rank"),
+        server=True,
+    ),
+    Case(
+        "push_corrupted_in_transit",
+        _through_corrupting_relay,
+        ("checksum", "sha256", "push it again"),
+        server=True,
+    ),
     Case("wrong_token", learner(token="not-the-token"), ("unauthorized", "--token"), server=True),
     Case("missing_token", learner(token=None), ("unauthorized", "--token"), server=True),
     Case("unreachable_server", _free_port_url, ("did not answer within 3s", "start gkd-rollout-server")),
     Case("port_in_use", _port_in_use, ("already in use", "--port"), prog="gkd-rollout-server", server=True),
     Case("malformed_message", None, ("malformed message", "msgpack Envelope"), server=True, wire=_malformed),
-    Case("oversized_message", None, ("closed the connection", "--max_message_mb"), server=True, wire=_oversized),
+    Case(
+        "oversized_message", None, ("closed the connection", "--max_message_mb"), server=True, wire=_oversized
+    ),
 ]
 
 
@@ -210,15 +306,26 @@ def test_bad_input(case: Case, ctx: Ctx, tmp_path):
         shutil.copytree(ctx.prior, out)
     before = tree(out)
     try:
-        r = subprocess.run(case.argv(ctx, out), cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            case.argv(ctx, out), cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=300
+        )
     finally:
         while _RELAYS:
             _RELAYS.pop().kill()
     if case.ok:
         assert r.returncode == 0, r.stderr[-3000:]
         assert all(w in r.stderr for w in case.says), r.stderr[-3000:]
-        start = next(x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if x.get("event") == "start")
-        assert (start["data_rows"], start["overlong_prompts"], start["train_prompts"], start["overlong_action"]) == (16, 4, 12, "skip")
+        start = next(
+            x
+            for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if x.get("event") == "start"
+        )
+        assert (
+            start["data_rows"],
+            start["overlong_prompts"],
+            start["train_prompts"],
+            start["overlong_action"],
+        ) == (16, 4, 12, "skip")
         return
     line = last_line(r.stderr)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -242,10 +349,28 @@ def test_table_covers_the_issue():
     """Issue 7 asks for at least 15 cases; these are the ones it names."""
     names = {c.name for c in CASES}
     assert len(CASES) >= 15 and len(names) == len(CASES)
-    assert {"lmbda_above_1", "beta_below_0", "batch_size_0", "max_steps_0", "unknown_flag", "config_missing", "config_unreadable",
-            "model_path_missing", "tokenizers_disagree", "dataset_missing_columns", "dataset_empty", "prompt_over_max_length",
-            "rank_above_server_max", "push_corrupted_in_transit", "wrong_token", "missing_token", "port_in_use",
-            "unreachable_server", "malformed_message", "oversized_message"} <= names
+    assert {
+        "lmbda_above_1",
+        "beta_below_0",
+        "batch_size_0",
+        "max_steps_0",
+        "unknown_flag",
+        "config_missing",
+        "config_unreadable",
+        "model_path_missing",
+        "tokenizers_disagree",
+        "dataset_missing_columns",
+        "dataset_empty",
+        "prompt_over_max_length",
+        "rank_above_server_max",
+        "push_corrupted_in_transit",
+        "wrong_token",
+        "missing_token",
+        "port_in_use",
+        "unreachable_server",
+        "malformed_message",
+        "oversized_message",
+    } <= names
 
 
 # ---------------------------------------------------------------- security items test_wire.py does not cover
@@ -253,19 +378,29 @@ def test_table_covers_the_issue():
 
 def test_tokens_are_compared_in_constant_time():
     """Every token check on the server side goes through hmac.compare_digest; no == or != on a token."""
-    files = [*sorted((REPO / "rollout_server").glob("*.py")), *sorted((REPO / "shared" / "transport").glob("*.py"))]
+    files = [
+        *sorted((REPO / "rollout_server").glob("*.py")),
+        *sorted((REPO / "shared" / "transport").glob("*.py")),
+    ]
     plain, constant_time = [], set()
     for f in files:
         src = f.read_text()
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
                 operands = [node.left, *node.comparators]
-                if any(not isinstance(o, ast.Constant) and re.search(r"token\b|bearer|authorization", ast.unparse(o), re.I) for o in operands):
+                if any(
+                    not isinstance(o, ast.Constant)
+                    and re.search(r"token\b|bearer|authorization", ast.unparse(o), re.I)
+                    for o in operands
+                ):
                     plain.append(f"{f.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "hmac.compare_digest":
                 constant_time.add(f.name)
     assert not plain, plain
-    assert {"service.py", "openai_api.py"} <= constant_time  # the ZeroMQ/Ray control channel and the HTTP endpoint
+    assert {
+        "service.py",
+        "openai_api.py",
+    } <= constant_time  # the ZeroMQ/Ray control channel and the HTTP endpoint
 
 
 def test_default_bind_is_loopback_and_anything_else_needs_a_token():
@@ -286,9 +421,13 @@ def test_adapter_dtypes_are_validated_against_the_model():
     shapes = {"model.layers.0.self_attn.q_proj.weight": (8, 6)}
     spec = LoraSpec(r=2, lora_alpha=4, target_modules=["q_proj"])
     w = "model.layers.0.self_attn.q_proj.weight"
-    validate_pairs({w: (torch.zeros(2, 6), torch.zeros(8, 2))}, shapes, spec, max_rank=8)  # the well-formed one passes
-    for a, b in [(torch.zeros(2, 6, dtype=torch.int32), torch.zeros(8, 2, dtype=torch.int32)),
-                 (torch.zeros(2, 6, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.float64)),
-                 (torch.zeros(2, 6), torch.zeros(8, 2, dtype=torch.bfloat16))]:
+    validate_pairs(
+        {w: (torch.zeros(2, 6), torch.zeros(8, 2))}, shapes, spec, max_rank=8
+    )  # the well-formed one passes
+    for a, b in [
+        (torch.zeros(2, 6, dtype=torch.int32), torch.zeros(8, 2, dtype=torch.int32)),
+        (torch.zeros(2, 6, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.float64)),
+        (torch.zeros(2, 6), torch.zeros(8, 2, dtype=torch.bfloat16)),
+    ]:
         with pytest.raises(AdapterError, match="dtype"):
             validate_pairs({w: (a, b)}, shapes, spec, max_rank=8)

@@ -42,7 +42,9 @@ def test_pick_spreads_over_the_budget_and_keeps_the_last():
     chosen = pick(snaps, 4, 100.0)
     assert [s["t"] for s in chosen] == [25.0, 50.0, 75.0, 100.0]
     assert pick([], 4, 100.0) == []
-    assert [s["t"] for s in pick(snaps[:2], 4, 100.0)] == [5.0]  # a short run: each grid point maps to its last snapshot
+    assert [s["t"] for s in pick(snaps[:2], 4, 100.0)] == [
+        5.0
+    ]  # a short run: each grid point maps to its last snapshot
 
 
 def test_linear_fit_recovers_intercept_and_slope():
@@ -88,8 +90,8 @@ def test_teacher_text_jsd_matches_the_learners_divergences(tiny_models, tiny_dat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.end_to_end import TeacherTextJSD
     from bench.common import read_rows
+    from bench.end_to_end import TeacherTextJSD
     from learner.data import to_examples
     from learner.evaluate import divergences
 
@@ -101,7 +103,18 @@ def test_teacher_text_jsd_matches_the_learners_divergences(tiny_models, tiny_dat
     prompts, comps = [e.prompt_ids for e in examples], [e.completion_ids for e in examples]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ours = TeacherTextJSD(teacher, prompts, comps, pad_id=pad, vocab=vocab, beta=0.5, batch_size=4)(student)
-    ref = divergences(student, teacher, prompts, comps, beta=0.5, vocab=vocab, pad_id=pad, max_length=1024, batch_size=4, device=torch.device("cpu"))
+    ref = divergences(
+        student,
+        teacher,
+        prompts,
+        comps,
+        beta=0.5,
+        vocab=vocab,
+        pad_id=pad,
+        max_length=1024,
+        batch_size=4,
+        device=torch.device("cpu"),
+    )
     assert ours["jsd"] > 0
     for k in ("jsd", "kl_fwd", "student_nll"):
         assert math.isclose(ours[k], ref[k], rel_tol=1e-5), k

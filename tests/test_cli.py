@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_config import SEED_FLAGS  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +62,30 @@ def test_user_errors_at_the_process_edge_are_one_line_exit_2(tmp_path, tiny_mode
     data.write_text('{"prompt": "hello there"}\n')
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    base = [sys.executable, "-m", "learner", "--model_name_or_path", str(student), "--teacher_model_name_or_path", str(teacher),
-            "--dataset_name", str(data), "--reconnect_deadline_s", "2", "--request_timeout_s", "2"]
+    base = [
+        sys.executable,
+        "-m",
+        "learner",
+        "--model_name_or_path",
+        str(student),
+        "--teacher_model_name_or_path",
+        str(teacher),
+        "--dataset_name",
+        str(data),
+        "--reconnect_deadline_s",
+        "2",
+        "--request_timeout_s",
+        "2",
+    ]
     cases = {
-        "unwritable output_dir": (["--output_dir", str(blocker / "out"), "--rollout_url", "tcp://127.0.0.1:9"], "cannot be written"),
-        "unreachable server": (["--output_dir", str(tmp_path / "o"), "--rollout_url", "tcp://127.0.0.1:9"], "did not answer"),
+        "unwritable output_dir": (
+            ["--output_dir", str(blocker / "out"), "--rollout_url", "tcp://127.0.0.1:9"],
+            "cannot be written",
+        ),
+        "unreachable server": (
+            ["--output_dir", str(tmp_path / "o"), "--rollout_url", "tcp://127.0.0.1:9"],
+            "did not answer",
+        ),
     }
     for name, (extra, needle) in cases.items():
         res = _run(base + extra, timeout=300)

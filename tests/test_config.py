@@ -10,23 +10,77 @@ from learner.cli import main
 from shared.config import Config, ConfigError, from_json, parse_args, rollout_url, write_resolved
 
 SEED_FLAGS = [
-    "model_name_or_path", "teacher_model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split",
-    "dataset_test_split", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "output_dir",
-    "num_train_epochs", "max_steps", "push_to_hub", "gradient_checkpointing", "use_peft", "lora_r", "lora_alpha",
-    "lora_dropout", "lora_target_modules", "lmbda", "beta", "temperature", "max_new_tokens", "seq_kd", "disable_dropout",
-    "torch_dtype", "attn_implementation", "trust_remote_code", "model_revision", "eval_strategy", "eval_steps",
-    "logging_steps", "save_steps", "seed", "max_length",
+    "model_name_or_path",
+    "teacher_model_name_or_path",
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "push_to_hub",
+    "gradient_checkpointing",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lmbda",
+    "beta",
+    "temperature",
+    "max_new_tokens",
+    "seq_kd",
+    "disable_dropout",
+    "torch_dtype",
+    "attn_implementation",
+    "trust_remote_code",
+    "model_revision",
+    "eval_strategy",
+    "eval_steps",
+    "logging_steps",
+    "save_steps",
+    "seed",
+    "max_length",
 ]
 
-SEED_COMMAND = (
-    "--model_name_or_path Qwen/Qwen2-0.5B-Instruct --teacher_model_name_or_path Qwen/Qwen2-1.5B-Instruct "
-    "--dataset_name trl-lib/chatbot_arena_completions --learning_rate 2e-4 --per_device_train_batch_size 4 "
-    "--gradient_accumulation_steps 8 --output_dir gkd-model --num_train_epochs 1 --push_to_hub "
-    "--gradient_checkpointing --use_peft --lora_r 64 --lora_alpha 16"
-).split()
+SEED_COMMAND = [
+    "--model_name_or_path",
+    "Qwen/Qwen2-0.5B-Instruct",
+    "--teacher_model_name_or_path",
+    "Qwen/Qwen2-1.5B-Instruct",
+    "--dataset_name",
+    "trl-lib/chatbot_arena_completions",
+    "--learning_rate",
+    "2e-4",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "8",
+    "--output_dir",
+    "gkd-model",
+    "--num_train_epochs",
+    "1",
+    "--push_to_hub",
+    "--gradient_checkpointing",
+    "--use_peft",
+    "--lora_r",
+    "64",
+    "--lora_alpha",
+    "16",
+]
 
-REQUIRED = ["--model_name_or_path", "Qwen/Qwen2-0.5B-Instruct", "--teacher_model_name_or_path", "Qwen/Qwen2-1.5B-Instruct",
-            "--dataset_name", "trl-lib/chatbot_arena_completions"]
+REQUIRED = [
+    "--model_name_or_path",
+    "Qwen/Qwen2-0.5B-Instruct",
+    "--teacher_model_name_or_path",
+    "Qwen/Qwen2-1.5B-Instruct",
+    "--dataset_name",
+    "trl-lib/chatbot_arena_completions",
+]
 
 
 def test_seed_command_line_parses_with_its_meaning():
@@ -56,37 +110,117 @@ def test_seed_defaults():
 
 def test_every_seed_flag_is_accepted_with_its_meaning(tmp_path):
     argv = REQUIRED + [
-        "--dataset_config", "default", "--dataset_train_split", "tr", "--dataset_test_split", "te",
-        "--learning_rate", "1e-3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3",
-        "--output_dir", str(tmp_path), "--num_train_epochs", "2.5", "--max_steps", "7", "--push_to_hub", "false",
-        "--gradient_checkpointing", "--use_peft", "--lora_r", "8", "--lora_alpha", "4", "--lora_dropout", "0.1",
-        "--lora_target_modules", "q_proj", "v_proj", "--lmbda", "0.25", "--beta", "0.75", "--temperature", "1.3",
-        "--max_new_tokens", "32", "--seq_kd", "--disable_dropout", "false", "--torch_dtype", "bfloat16",
-        "--attn_implementation", "eager", "--trust_remote_code", "--model_revision", "v1", "--eval_strategy", "steps",
-        "--eval_steps", "5", "--logging_steps", "2", "--save_steps", "9", "--seed", "3", "--max_length", "256",
+        "--dataset_config",
+        "default",
+        "--dataset_train_split",
+        "tr",
+        "--dataset_test_split",
+        "te",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+        "--num_train_epochs",
+        "2.5",
+        "--max_steps",
+        "7",
+        "--push_to_hub",
+        "false",
+        "--gradient_checkpointing",
+        "--use_peft",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "4",
+        "--lora_dropout",
+        "0.1",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--lmbda",
+        "0.25",
+        "--beta",
+        "0.75",
+        "--temperature",
+        "1.3",
+        "--max_new_tokens",
+        "32",
+        "--seq_kd",
+        "--disable_dropout",
+        "false",
+        "--torch_dtype",
+        "bfloat16",
+        "--attn_implementation",
+        "eager",
+        "--trust_remote_code",
+        "--model_revision",
+        "v1",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "5",
+        "--logging_steps",
+        "2",
+        "--save_steps",
+        "9",
+        "--seed",
+        "3",
+        "--max_length",
+        "256",
     ]
     cfg, _ = parse_args(argv)
     d, t, lo, g, m = cfg.data, cfg.train, cfg.lora, cfg.gkd, cfg.model
-    assert (d.dataset_config, d.dataset_train_split, d.dataset_test_split, d.max_length) == ("default", "tr", "te", 256)
+    assert (d.dataset_config, d.dataset_train_split, d.dataset_test_split, d.max_length) == (
+        "default",
+        "tr",
+        "te",
+        256,
+    )
     assert (t.learning_rate, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (1e-3, 2, 3)
     assert (t.output_dir, t.num_train_epochs, t.max_steps, t.push_to_hub) == (str(tmp_path), 2.5, 7, False)
-    assert (t.gradient_checkpointing, t.disable_dropout, t.eval_strategy, t.eval_steps) == (True, False, "steps", 5)
+    assert (t.gradient_checkpointing, t.disable_dropout, t.eval_strategy, t.eval_steps) == (
+        True,
+        False,
+        "steps",
+        5,
+    )
     assert (t.logging_steps, t.save_steps, t.seed) == (2, 9, 3)
-    assert (lo.use_peft, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules) == (True, 8, 4, 0.1, ["q_proj", "v_proj"])
+    assert (lo.use_peft, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules) == (
+        True,
+        8,
+        4,
+        0.1,
+        ["q_proj", "v_proj"],
+    )
     assert (g.lmbda, g.beta, g.temperature, g.max_new_tokens, g.seq_kd) == (0.25, 0.75, 1.3, 32, True)
-    assert (m.torch_dtype, m.attn_implementation, m.trust_remote_code, m.model_revision) == ("bfloat16", "eager", True, "v1")
-    assert set(SEED_FLAGS) <= {f for sec in ("model", "lora", "data", "train", "gkd") for f in getattr(cfg, sec).__struct_fields__}
+    assert (m.torch_dtype, m.attn_implementation, m.trust_remote_code, m.model_revision) == (
+        "bfloat16",
+        "eager",
+        True,
+        "v1",
+    )
+    assert set(SEED_FLAGS) <= {
+        f for sec in ("model", "lora", "data", "train", "gkd") for f in getattr(cfg, sec).__struct_fields__
+    }
 
 
 @pytest.mark.parametrize("suffix", ["yaml", "toml"])
 def test_config_file_and_flags_override_it(tmp_path, suffix):
     path = tmp_path / f"run.{suffix}"
     if suffix == "yaml":
-        path.write_text("gkd:\n  lmbda: 0.2\n  beta: 0.1\nlearning_rate: 0.001\nmodel_name_or_path: a/b\n"
-                        "teacher_model_name_or_path: c/d\ndataset_name: e/f\nlora_target_modules: [q_proj, k_proj]\n")
+        path.write_text(
+            "gkd:\n  lmbda: 0.2\n  beta: 0.1\nlearning_rate: 0.001\nmodel_name_or_path: a/b\n"
+            "teacher_model_name_or_path: c/d\ndataset_name: e/f\nlora_target_modules: [q_proj, k_proj]\n"
+        )
     else:
-        path.write_text('learning_rate = 0.001\nmodel_name_or_path = "a/b"\nteacher_model_name_or_path = "c/d"\n'
-                        'dataset_name = "e/f"\nlora_target_modules = ["q_proj", "k_proj"]\n[gkd]\nlmbda = 0.2\nbeta = 0.1\n')
+        path.write_text(
+            'learning_rate = 0.001\nmodel_name_or_path = "a/b"\nteacher_model_name_or_path = "c/d"\n'
+            'dataset_name = "e/f"\nlora_target_modules = ["q_proj", "k_proj"]\n[gkd]\nlmbda = 0.2\nbeta = 0.1\n'
+        )
     cfg, _ = parse_args(["--config", str(path), "--beta", "0.9"])
     assert cfg.gkd.lmbda == 0.2  # from the file (nested section)
     assert cfg.train.learning_rate == 0.001  # from the file (flat, seed-style key)
@@ -129,7 +263,11 @@ def test_every_mistake_gets_its_own_line(capsys):
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3
-    assert [ln.split(":")[2].split("=")[0].strip() for ln in lines] == ["lmbda", "beta", "per_device_train_batch_size"]
+    assert [ln.split(":")[2].split("=")[0].strip() for ln in lines] == [
+        "lmbda",
+        "beta",
+        "per_device_train_batch_size",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -137,14 +275,37 @@ def test_every_mistake_gets_its_own_line(capsys):
     [
         (REQUIRED + ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
         (REQUIRED + ["--config", "/nonexistent/run.yaml"], "config='/nonexistent/run.yaml': file not found"),
-        (["--model_name_or_path", "a/b", "--dataset_name", "c/d"], "teacher_model_name_or_path=None is invalid: must be set"),
-        (["--model_name_or_path", "/nonexistent/student", "--teacher_model_name_or_path", "a/b", "--dataset_name", "c/d"],
-         "model_name_or_path='/nonexistent/student' does not exist"),
-        (REQUIRED[:4] + ["--dataset_name", "./missing.jsonl"], "dataset_name='./missing.jsonl' does not exist"),
+        (
+            ["--model_name_or_path", "a/b", "--dataset_name", "c/d"],
+            "teacher_model_name_or_path=None is invalid: must be set",
+        ),
+        (
+            [
+                "--model_name_or_path",
+                "/nonexistent/student",
+                "--teacher_model_name_or_path",
+                "a/b",
+                "--dataset_name",
+                "c/d",
+            ],
+            "model_name_or_path='/nonexistent/student' does not exist",
+        ),
+        (
+            REQUIRED[:4] + ["--dataset_name", "./missing.jsonl"],
+            "dataset_name='./missing.jsonl' does not exist",
+        ),
         (REQUIRED + ["--lmbda", "half"], "argument --lmbda: invalid float value"),
         (REQUIRED + ["--eval_strategy", "sometimes"], "invalid choice"),
     ],
-    ids=["unknown-flag", "missing-config-file", "missing-teacher", "missing-model-path", "missing-dataset", "not-a-number", "bad-choice"],
+    ids=[
+        "unknown-flag",
+        "missing-config-file",
+        "missing-teacher",
+        "missing-model-path",
+        "missing-dataset",
+        "not-a-number",
+        "bad-choice",
+    ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -190,7 +351,9 @@ def test_resolved_config_json_is_written_with_token_redacted(tmp_path, monkeypat
 def test_rollout_url_from_environment_lets_the_seed_command_run_unchanged(monkeypatch):
     monkeypatch.setenv("GKD_ROLLOUT_URL", "tcp://10.1.2.3:7000")
     assert parse_args(SEED_COMMAND)[0].rollout.rollout_url == "tcp://10.1.2.3:7000"
-    assert parse_args(SEED_COMMAND + ["--rollout_url", "tcp://h:1"])[0].rollout.rollout_url == "tcp://h:1"  # the flag wins
+    assert (
+        parse_args(SEED_COMMAND + ["--rollout_url", "tcp://h:1"])[0].rollout.rollout_url == "tcp://h:1"
+    )  # the flag wins
 
 
 def test_rollout_url_defaults_to_server_host_and_port(monkeypatch):

@@ -27,26 +27,51 @@ from demo import report
 
 REPO = Path(__file__).resolve().parent.parent
 
-TEACHER = {"eval/teacher_text/jsd": 0.0, "eval/student/jsd": 0.0, "eval/student/teacher_nll": 1.9, "eval/student/distinct2": 0.8}
-BEFORE = {"eval/teacher_text/jsd": 0.30, "eval/student/jsd": 0.35, "eval/student/teacher_nll": 6.3, "eval/student/distinct2": 0.75}
+TEACHER = {
+    "eval/teacher_text/jsd": 0.0,
+    "eval/student/jsd": 0.0,
+    "eval/student/teacher_nll": 1.9,
+    "eval/student/distinct2": 0.8,
+}
+BEFORE = {
+    "eval/teacher_text/jsd": 0.30,
+    "eval/student/jsd": 0.35,
+    "eval/student/teacher_nll": 6.3,
+    "eval/student/distinct2": 0.75,
+}
 
 
 def test_quality_passes_when_half_the_gap_is_closed_without_collapse():
-    after = {"eval/teacher_text/jsd": 0.14, "eval/student/jsd": 0.15, "eval/student/teacher_nll": 3.5, "eval/student/distinct2": 0.7}
+    after = {
+        "eval/teacher_text/jsd": 0.14,
+        "eval/student/jsd": 0.15,
+        "eval/student/teacher_nll": 3.5,
+        "eval/student/distinct2": 0.7,
+    }
     q = report.check_quality(BEFORE, after, TEACHER)
     assert q["passed"], q
     assert q["checks"]["jsd_gap_closed"]["closed"] == pytest.approx(0.16 / 0.30)
 
 
 def test_quality_fails_when_less_than_half_the_gap_is_closed():
-    after = {"eval/teacher_text/jsd": 0.19, "eval/student/jsd": 0.2, "eval/student/teacher_nll": 3.6, "eval/student/distinct2": 0.7}
+    after = {
+        "eval/teacher_text/jsd": 0.19,
+        "eval/student/jsd": 0.2,
+        "eval/student/teacher_nll": 3.6,
+        "eval/student/distinct2": 0.7,
+    }
     q = report.check_quality(BEFORE, after, TEACHER)
     assert not q["passed"] and not q["checks"]["jsd_gap_closed"]["ok"]
 
 
 def test_quality_fails_on_collapse_even_if_on_policy_jsd_and_teacher_nll_fall():
     """The lmbda-1 trap: one repeated token the teacher likes. On-policy figures improve, the student is worse."""
-    collapsed = {"eval/teacher_text/jsd": 0.45, "eval/student/jsd": 0.05, "eval/student/teacher_nll": 0.9, "eval/student/distinct2": 0.02}
+    collapsed = {
+        "eval/teacher_text/jsd": 0.45,
+        "eval/student/jsd": 0.05,
+        "eval/student/teacher_nll": 0.9,
+        "eval/student/distinct2": 0.02,
+    }
     q = report.check_quality(BEFORE, collapsed, TEACHER)
     assert not q["passed"]
     assert not q["checks"]["jsd_gap_closed"]["ok"] and not q["checks"]["distinct2_kept"]["ok"]
@@ -54,12 +79,22 @@ def test_quality_fails_on_collapse_even_if_on_policy_jsd_and_teacher_nll_fall():
 
 
 def test_quality_fails_when_teacher_nll_rises():
-    after = {"eval/teacher_text/jsd": 0.10, "eval/student/jsd": 0.1, "eval/student/teacher_nll": 6.5, "eval/student/distinct2": 0.7}
+    after = {
+        "eval/teacher_text/jsd": 0.10,
+        "eval/student/jsd": 0.1,
+        "eval/student/teacher_nll": 6.5,
+        "eval/student/distinct2": 0.7,
+    }
     assert not report.check_quality(BEFORE, after, TEACHER)["passed"]
 
 
 def test_quality_lines_say_pass_and_fail():
-    after = {"eval/teacher_text/jsd": 0.14, "eval/student/jsd": 0.15, "eval/student/teacher_nll": 3.5, "eval/student/distinct2": 0.2}
+    after = {
+        "eval/teacher_text/jsd": 0.14,
+        "eval/student/jsd": 0.15,
+        "eval/student/teacher_nll": 3.5,
+        "eval/student/distinct2": 0.2,
+    }
     lines = report.quality_lines(report.check_quality(BEFORE, after, TEACHER))
     assert lines[0].startswith("[PASS]") and lines[2].startswith("[FAIL]") and lines[-1].endswith("MISSED")
 
@@ -111,7 +146,9 @@ def _check_artefacts(root: Path, summary: dict, rows: list[dict]) -> None:
     for f in ("report.md", "loss.png", "heldout.png", "metrics.jsonl"):
         assert (root / f).stat().st_size > 0, f
     assert summary["throughput"]["pushes"] >= 2  # adapters pushed to the rollout server
-    assert any((r.get("on_policy_fraction") or 0) > 0 for r in rows)  # on-policy batches sampled by the server
+    assert any(
+        (r.get("on_policy_fraction") or 0) > 0 for r in rows
+    )  # on-policy batches sampled by the server
     assert summary["before"]["step"] == 0 and summary["after"]["step"] > 0
     assert summary["chat"]["answer"].strip()  # the merged model answered over the OpenAI endpoint
     # the verdict is recomputed here from the figures, not taken from the file
@@ -132,8 +169,14 @@ def test_quick_demo_end_to_end():
     # the same cache as tests/test_prepare.py: its converted teacher is reused (prepare is cached)
     root = Path(os.environ.get("GKD_DEMO_TEST_CACHE", REPO / ".cache" / "demo-test"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "demo.run", "--quick", "--out", str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo.run", "--quick", "--out", str(root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     if proc.returncode not in (0, 1):  # 1 = ran to the end but missed the full target
         pytest.fail(f"demo.run --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     summary, rows = report.read_summary(root)
@@ -164,7 +207,9 @@ def test_full_demo_meets_quality_target():
     """
     root = _full_run_dir()
     if root is None:
-        pytest.skip("no finished full `make demo` in demo-output/ (or GKD_DEMO_OUTPUT): run `make demo`, then this test")
+        pytest.skip(
+            "no finished full `make demo` in demo-output/ (or GKD_DEMO_OUTPUT): run `make demo`, then this test"
+        )
     summary, rows = report.read_summary(root)
     _check_artefacts(root, summary, rows)
     q = report.check_quality(summary["before"], summary["after"], summary["teacher"])

@@ -60,7 +60,9 @@ def _validator():
 
 
 def test_compose_file_validates_against_the_compose_spec(compose):
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(compose)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(compose)
+    ]
     assert not errors, "\n".join(errors)
 
 
@@ -83,7 +85,10 @@ def test_services_reserve_gpus_share_volumes_and_wait_for_health(services):
         mounts = {v.split(":")[1] for v in services[name]["volumes"]}
         assert {"/outputs", "/cache/huggingface"} <= mounts, name
         assert services[name]["environment"]["GKD_TOKEN"] == ENV["GKD_TOKEN"], name
-    gpu_ids = [set(services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]) for n in ("rollout", "learner")]
+    gpu_ids = [
+        set(services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"])
+        for n in ("rollout", "learner")
+    ]
     assert not gpu_ids[0] & gpu_ids[1], "rollout and learner must not share a GPU"
     assert services["learner"]["depends_on"]["rollout"]["condition"] == "service_healthy"
     assert "deploy.healthcheck" in services["rollout"]["healthcheck"]["test"]
@@ -115,7 +120,9 @@ def test_learner_command_parses_with_the_learner_cli(services, monkeypatch):
     assert cfg.rollout.rollout_url == "tcp://rollout:5555"
     assert cfg.rollout.token == ENV["GKD_TOKEN"]
     assert cfg.train.output_dir.startswith("/outputs/")
-    assert cfg.model.model_name_or_path == services["rollout"]["command"][2], "learner and server must share the student"
+    assert cfg.model.model_name_or_path == services["rollout"]["command"][2], (
+        "learner and server must share the student"
+    )
 
 
 def test_a_wrong_flag_in_a_command_would_be_caught(services, capsys):

@@ -31,7 +31,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kill_pid, last_line, learner_argv, learner_env, start_learner, start_relay, start_server
+from conftest import (
+    REPO,
+    kill_pid,
+    last_line,
+    learner_argv,
+    learner_env,
+    start_learner,
+    start_relay,
+    start_server,
+)
 
 from learner import checkpoint
 from learner.data import PromptSampler
@@ -52,13 +61,19 @@ def train_rows(out: Path) -> list[dict]:
     return [r for r in read(out) if "loss" in r]
 
 
-def wait_until(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_until(
+    pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+            pytest.fail(
+                f"process exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:] if log else ''}"
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+            pytest.fail(
+                f"timed out after {timeout_s:.0f} s waiting for {what}:\n{log.read_text()[-3000:] if log else ''}"
+            )
         time.sleep(0.2)
 
 
@@ -74,7 +89,9 @@ def server_version(srv) -> int:
         return c.status().policy_version
 
 
-def assert_steps_and_cursor_continuous(rows: list[dict], n_steps: int, n_prompts: int = 32, seed: int = 42) -> None:
+def assert_steps_and_cursor_continuous(
+    rows: list[dict], n_steps: int, n_prompts: int = 32, seed: int = 42
+) -> None:
     """Every step 1..n exactly once, and the data cursor where an uninterrupted run's would be."""
     assert [r["step"] for r in rows] == list(range(1, n_steps + 1))
     ref = PromptSampler(n_prompts, seed=seed)
@@ -121,11 +138,22 @@ def test_checkpoint_writer_killed_mid_write_never_leaves_a_complete_looking_chec
     out, root = tmp_path / "out", tmp_path / "out" / "checkpoints"
     mid_write_kills, next_step = 0, 1
     for _ in range(2):  # the second writer also meets the first one's leftovers
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), str(next_step)], cwd=REPO, env=learner_env(),
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(out), str(next_step)],
+            cwd=REPO,
+            env=learner_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             assert proc.stdout.readline().strip() == str(next_step)  # one complete save first
-            wait_until(lambda: any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in root.iterdir()), 60, "a save in progress", proc)
+            wait_until(
+                lambda: any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in root.iterdir()),
+                60,
+                "a save in progress",
+                proc,
+            )
         finally:
             kill_pid(proc)
         leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
@@ -166,7 +194,13 @@ def test_resume_skips_partial_and_corrupt_checkpoints(tmp_path):
 
     out = tmp_path / "out"
     for step in (1, 2):
-        checkpoint.save(out, TrainState(step, step + 10, Cursor(0, 4 * step), 2 * step), {"a": torch.full((4,), float(step))}, {"s": step}, {"e": step})
+        checkpoint.save(
+            out,
+            TrainState(step, step + 10, Cursor(0, 4 * step), 2 * step),
+            {"a": torch.full((4,), float(step))},
+            {"s": step},
+            {"e": step},
+        )
     good = checkpoint.checkpoints_dir(out) / "step-2"
     tmp, no_manifest, corrupt = _plant_broken_checkpoints(out, good, 2)
     assert checkpoint.find_latest(out) == good
@@ -184,13 +218,35 @@ def test_resume_skips_partial_and_corrupt_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_learner_killed_mid_run_resumes_from_last_complete_checkpoint(server, tiny_models, tiny_dataset, tmp_path):
+def test_learner_killed_mid_run_resumes_from_last_complete_checkpoint(
+    server, tiny_models, tiny_dataset, tmp_path
+):
     out, n_steps = tmp_path / "run", 5
-    argv = learner_argv(tiny_models, tiny_dataset, out, server.url, "--max_steps", str(n_steps), "--save_steps", "2", "--lmbda", "0.5",
-                        "--lr_scheduler_type", "constant", "--reconnect_deadline_s", "60")
+    argv = learner_argv(
+        tiny_models,
+        tiny_dataset,
+        out,
+        server.url,
+        "--max_steps",
+        str(n_steps),
+        "--save_steps",
+        "2",
+        "--lmbda",
+        "0.5",
+        "--lr_scheduler_type",
+        "constant",
+        "--reconnect_deadline_s",
+        "60",
+    )
     first = start_learner(argv, tmp_path / "first.log")
     try:
-        wait_until(lambda: logged_step(out) >= 3 and checkpoint.find_latest(out) is not None, 600, "step 3", first, tmp_path / "first.log")
+        wait_until(
+            lambda: logged_step(out) >= 3 and checkpoint.find_latest(out) is not None,
+            600,
+            "step 3",
+            first,
+            tmp_path / "first.log",
+        )
     finally:
         kill_pid(first)
     assert first.returncode == -9
@@ -202,13 +258,22 @@ def test_learner_killed_mid_run_resumes_from_last_complete_checkpoint(server, ti
     assert k < n_steps and ck_state.step == k and before[k]["policy_version"] == ck_state.policy_version
     _plant_broken_checkpoints(out, good, k)
 
-    second = subprocess.run([*argv, "--resume", "latest"], cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=900)
+    second = subprocess.run(
+        [*argv, "--resume", "latest"],
+        cwd=REPO,
+        env=learner_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {good} at step {k}" in second.stderr
 
     rows = train_rows(out)
     assert_steps_and_cursor_continuous(rows, n_steps)
-    assert rows[:k] == [before[s] for s in range(1, k + 1)]  # the rows up to the checkpoint are the killed run's
+    assert rows[:k] == [
+        before[s] for s in range(1, k + 1)
+    ]  # the rows up to the checkpoint are the killed run's
     versions = [r["policy_version"] for r in rows]
     assert versions[k:] == list(range(versions[k], versions[k] + n_steps - k))
     # Versions never go back (a number names one adapter). If the server still served the checkpoint's
@@ -236,8 +301,20 @@ def cut_off_run(server_pool, tiny_models, tiny_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cut_off")
     out, log = tmp / "run", tmp / "learner.log"
     relay = start_relay(srv.port)
-    argv = learner_argv(tiny_models, tiny_dataset, out, relay.url, "--max_steps", "50", "--save_steps", "1", "--lmbda", "1",
-                        "--reconnect_deadline_s", "6")
+    argv = learner_argv(
+        tiny_models,
+        tiny_dataset,
+        out,
+        relay.url,
+        "--max_steps",
+        "50",
+        "--save_steps",
+        "1",
+        "--lmbda",
+        "1",
+        "--reconnect_deadline_s",
+        "6",
+    )
     proc = start_learner(argv, log)
     try:
         wait_until(lambda: logged_step(out) >= 2, 600, "step 2", proc, log)
@@ -272,7 +349,9 @@ def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True
+    )
     return r.returncode == 0
 
 
@@ -294,7 +373,9 @@ def test_save_fails_cleanly_and_keeps_the_previous_checkpoint(fault, cut_off_run
     out, preexec, mechanism, mounted = tmp_path / "run", None, "", False
     if fault == "disk_full":
         used = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-        mounted = _mount_tmpfs(tmp_path / "small", used + 200 * 1024)  # room for logs, not for a checkpoint (~470 KB)
+        mounted = _mount_tmpfs(
+            tmp_path / "small", used + 200 * 1024
+        )  # room for logs, not for a checkpoint (~470 KB)
         if mounted:
             out, mechanism = tmp_path / "small" / "run", "tmpfs full (ENOSPC)"
         else:  # no mount rights: a file-size limit on the learner process (EFBIG), real OS behaviour too
@@ -308,16 +389,42 @@ def test_save_fails_cleanly_and_keeps_the_previous_checkpoint(fault, cut_off_run
             ckpts.chmod(0o555)
             cmd = _drop_dac_caps(cmd)
             if cmd is None:
-                pytest.skip("running as root without setpriv: cannot make a directory unwritable for the learner")
-            probe = [*cmd[: cmd.index(sys.executable)], sys.executable, "-c", f"open({str(ckpts / 'probe')!r}, 'w')"]
-            assert subprocess.run(probe, capture_output=True).returncode != 0, "checkpoints/ is still writable for the learner"
-            mechanism = "checkpoints/ mode 0555" + (", learner without CAP_DAC_OVERRIDE (setpriv)" if os.geteuid() == 0 else "")
+                pytest.skip(
+                    "running as root without setpriv: cannot make a directory unwritable for the learner"
+                )
+            probe = [
+                *cmd[: cmd.index(sys.executable)],
+                sys.executable,
+                "-c",
+                f"open({str(ckpts / 'probe')!r}, 'w')",
+            ]
+            assert subprocess.run(probe, capture_output=True).returncode != 0, (
+                "checkpoints/ is still writable for the learner"
+            )
+            mechanism = "checkpoints/ mode 0555" + (
+                ", learner without CAP_DAC_OVERRIDE (setpriv)" if os.geteuid() == 0 else ""
+            )
         print(f"\n{fault}: {mechanism}")
-        r = subprocess.run(cmd, cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=900, preexec_fn=preexec)
+        r = subprocess.run(
+            cmd, cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=900, preexec_fn=preexec
+        )
         assert r.returncode == 2, r.stderr[-3000:]
-        why = "Permission denied" if fault == "unwritable" else "No space left on device" if mounted else "File too large"
-        assert_one_error_line(r.stderr, f"cannot write checkpoint {ckpts / f'step-{k + 1}'}", why, "earlier checkpoints are intact")
-        assert f"resumed from {good} at step {k}" in r.stderr  # it trained one more step, then failed saving it
+        why = (
+            "Permission denied"
+            if fault == "unwritable"
+            else "No space left on device"
+            if mounted
+            else "File too large"
+        )
+        assert_one_error_line(
+            r.stderr,
+            f"cannot write checkpoint {ckpts / f'step-{k + 1}'}",
+            why,
+            "earlier checkpoints are intact",
+        )
+        assert (
+            f"resumed from {good} at step {k}" in r.stderr
+        )  # it trained one more step, then failed saving it
         # The previous checkpoint is untouched, nothing half-written is left, and it still loads.
         ckpts.chmod(0o755)
         assert tree_digest(ckpts) == before
@@ -346,8 +453,22 @@ def _resume_argv(src: Path, out: Path, url: str, max_steps: int) -> list[str]:
     from conftest import TinyModels
 
     models = TinyModels(Path(m["model_name_or_path"]), Path(m["teacher_model_name_or_path"]))
-    return learner_argv(models, Path(d["dataset_name"]), out, url, "--max_steps", str(max_steps), "--save_steps", "1", "--lmbda", "1",
-                        "--resume", "latest", "--reconnect_deadline_s", "30")
+    return learner_argv(
+        models,
+        Path(d["dataset_name"]),
+        out,
+        url,
+        "--max_steps",
+        str(max_steps),
+        "--save_steps",
+        "1",
+        "--lmbda",
+        "1",
+        "--resume",
+        "latest",
+        "--reconnect_deadline_s",
+        "30",
+    )
 
 
 # ---------------------------------------------------------------- the server killed and restarted (last: it restarts the engine)
@@ -356,8 +477,20 @@ def _resume_argv(src: Path, out: Path, url: str, max_steps: int) -> list[str]:
 @pytest.mark.slow
 def test_server_killed_mid_run_and_restarted(server, server_pool, tiny_models, tiny_dataset, tmp_path):
     out, log, n_steps = tmp_path / "run", tmp_path / "learner.log", 6
-    argv = learner_argv(tiny_models, tiny_dataset, out, server.url, "--max_steps", str(n_steps), "--save_steps", "100", "--lmbda", "1",
-                        "--reconnect_deadline_s", "400")  # an engine restart takes 20-90 s on 2 cores
+    argv = learner_argv(
+        tiny_models,
+        tiny_dataset,
+        out,
+        server.url,
+        "--max_steps",
+        str(n_steps),
+        "--save_steps",
+        "100",
+        "--lmbda",
+        "1",
+        "--reconnect_deadline_s",
+        "400",
+    )  # an engine restart takes 20-90 s on 2 cores
     proc = start_learner(argv, log)
     try:
         wait_until(lambda: logged_step(out) >= 2, 600, "step 2", proc, log)
@@ -365,21 +498,29 @@ def test_server_killed_mid_run_and_restarted(server, server_pool, tiny_models, t
         t_kill = time.monotonic()
         wait_until(lambda: "lost" in log.read_text(), 60, "the learner to notice", proc, log)
         noticed_s = time.monotonic() - t_kill
-        restarted = start_server(server_pool.model, tmp_path / "restarted-server.log", port=server.port, **server.args)
+        restarted = start_server(
+            server_pool.model, tmp_path / "restarted-server.log", port=server.port, **server.args
+        )
         server_pool.current = restarted  # same flags, same port: the pool serves it to later tests
         proc.wait(600)
     finally:
         kill_pid(proc)
     output = log.read_text()
-    print(f"\nserver killed: learner noticed after {noticed_s:.1f} s; restarted server ready after {time.monotonic() - t_kill:.1f} s")
+    print(
+        f"\nserver killed: learner noticed after {noticed_s:.1f} s; restarted server ready after {time.monotonic() - t_kill:.1f} s"
+    )
     assert proc.returncode == 0, output[-3000:]
     assert noticed_s < NOTICE_S
 
     rows = train_rows(out)
     assert_steps_and_cursor_continuous(rows, n_steps)
     versions = [r["policy_version"] for r in rows]
-    assert versions == list(range(versions[0], versions[0] + n_steps))  # one push per step, none lost or repeated
-    assert all(r["on_policy_fraction"] == 1.0 for r in rows)  # every micro-batch trained on server rollouts...
+    assert versions == list(
+        range(versions[0], versions[0] + n_steps)
+    )  # one push per step, none lost or repeated
+    assert all(
+        r["on_policy_fraction"] == 1.0 for r in rows
+    )  # every micro-batch trained on server rollouts...
     assert all(r["canary_max_abs"] <= 1e-3 for r in rows)  # ...from a server whose weights matched ours
     events = [r for r in read(out) if r.get("event") == "reconnect"]
     assert len(events) >= 1 and all(0 < e["down_s"] < 400 for e in events)

@@ -8,8 +8,8 @@ server's version + 1. The last test stops it to serve the merged output as a bas
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +36,39 @@ def server(server_pool):
 
 def _cfg(tiny_models, data, out, url, *extra):
     argv = [
-        "--model_name_or_path", str(tiny_models.student), "--teacher_model_name_or_path", str(tiny_models.teacher),
-        "--dataset_name", str(data), "--output_dir", str(out), "--rollout_url", url,
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_new_tokens", "16",
-        "--max_length", "128", "--logging_steps", "1", "--learning_rate", "1e-3", "--lora_r", "8", "--lora_alpha", "16",
-        "--request_timeout_s", "120", "--reconnect_deadline_s", "30", "--torch_num_threads", "1", *extra,
+        "--model_name_or_path",
+        str(tiny_models.student),
+        "--teacher_model_name_or_path",
+        str(tiny_models.teacher),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--rollout_url",
+        url,
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_new_tokens",
+        "16",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--request_timeout_s",
+        "120",
+        "--reconnect_deadline_s",
+        "30",
+        "--torch_num_threads",
+        "1",
+        *extra,
     ]
     return parse_args(argv)[0]
 
@@ -65,12 +93,17 @@ def _assert_server_serves(server, adapter_dir, student_dir, prompt_ids):
 
     c = server.client()
     try:
-        req = GenerateRequest(request_id="check", prompts=[Prompt(prompt_id="0", token_ids=prompt_ids)],
-                              sampling=SamplingSpec(temperature=0.0, max_new_tokens=8, seed=0))
+        req = GenerateRequest(
+            request_id="check",
+            prompts=[Prompt(prompt_id="0", token_ids=prompt_ids)],
+            sampling=SamplingSpec(temperature=0.0, max_new_tokens=8, seed=0),
+        )
         comp = c.generate(req).completions[0]
     finally:
         c.close()
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32), str(adapter_dir)
+    ).eval()
     ids = prompt_ids + list(comp.token_ids)
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
@@ -84,8 +117,25 @@ def full_run(tiny_models, tiny_dataset, tmp_path_factory, server_pool):
     server = server_pool.get(fresh=False, **SERVER_FLAGS)
     out = tmp_path_factory.mktemp("full") / "run"
     v0 = _server_version(server)
-    cfg = _cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "4", "--lmbda", "0.5", "--eval_strategy", "steps",
-               "--eval_steps", "2", "--eval_samples", "4", "--save_steps", "2", "--save_merged")
+    cfg = _cfg(
+        tiny_models,
+        tiny_dataset,
+        out,
+        server.url,
+        "--max_steps",
+        "4",
+        "--lmbda",
+        "0.5",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--eval_samples",
+        "4",
+        "--save_steps",
+        "2",
+        "--save_merged",
+    )
     return out, cfg, run(cfg), v0
 
 
@@ -110,15 +160,29 @@ def test_full_run_lmbda_half(tiny_models, full_run, server):
     evals = [r for r in read(out) if "eval/student/jsd" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in evals:
-        for k in ("eval/student/jsd", "eval/student/kl_fwd", "eval/student/kl_rev", "eval/student/teacher_nll",
-                  "eval/teacher_text/jsd", "eval/teacher_text/kl_fwd", "eval/teacher_text/kl_rev"):
+        for k in (
+            "eval/student/jsd",
+            "eval/student/kl_fwd",
+            "eval/student/kl_rev",
+            "eval/student/teacher_nll",
+            "eval/teacher_text/jsd",
+            "eval/teacher_text/kl_fwd",
+            "eval/teacher_text/kl_rev",
+        ):
             assert math.isfinite(r[k]) and r[k] >= 0, k
         assert 0 < r["eval/student/distinct2"] <= 1
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {0, 2, 4} and all({"prompt", "student", "teacher"} <= set(s) for s in samples)
+    assert {s["step"] for s in samples} == {0, 2, 4} and all(
+        {"prompt", "student", "teacher"} <= set(s) for s in samples
+    )
 
     start = next(r for r in read(out) if r.get("event") == "start")
-    assert (start["step"], start["total_steps"], start["train_prompts"], start["eval_prompts"]) == (0, 4, 28, 4)
+    assert (start["step"], start["total_steps"], start["train_prompts"], start["eval_prompts"]) == (
+        0,
+        4,
+        28,
+        4,
+    )
     assert (start["overlong_prompts"], start["data_shape"]) == (0, "prompt_completion")
     assert json.loads((out / "config.json").read_text())["gkd"]["lmbda"] == 0.5
     assert checkpoint.find_latest(out).name == "step-4"
@@ -133,7 +197,9 @@ def test_full_run_lmbda_half(tiny_models, full_run, server):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_models.student)), str(out)).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_models.student)), str(out)
+    ).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tiny_models.student)).eval()
     with torch.no_grad():
@@ -148,9 +214,26 @@ def test_full_run_lmbda_half(tiny_models, full_run, server):
     [("0", "false", 0.0, 0.0), ("1", "false", 1.0, 0.0), ("0", "true", 0.0, 1.0)],
     ids=["lmbda0", "lmbda1", "seq_kd"],
 )
-def test_lmbda_extremes_and_seq_kd(tiny_models, tiny_dataset, tmp_path, server, lmbda, seq_kd, on_frac, teacher_frac):
+def test_lmbda_extremes_and_seq_kd(
+    tiny_models, tiny_dataset, tmp_path, server, lmbda, seq_kd, on_frac, teacher_frac
+):
     out = tmp_path / "run"
-    run(_cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "2", "--lmbda", lmbda, "--seq_kd", seq_kd, "--save_steps", "100"))
+    run(
+        _cfg(
+            tiny_models,
+            tiny_dataset,
+            out,
+            server.url,
+            "--max_steps",
+            "2",
+            "--lmbda",
+            lmbda,
+            "--seq_kd",
+            seq_kd,
+            "--save_steps",
+            "100",
+        )
+    )
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -165,13 +248,33 @@ def test_prompt_only_dataset_uses_teacher_samples(tiny_models, tmp_path, server)
 
     data = write_dataset(tmp_path / "prompts.jsonl", n=12, shape="prompt_only")
     out = tmp_path / "run"
-    run(_cfg(tiny_models, data, out, server.url, "--max_steps", "2", "--lmbda", "0.5", "--eval_strategy", "steps",
-             "--eval_steps", "1", "--eval_samples", "2", "--save_steps", "100"))
+    run(
+        _cfg(
+            tiny_models,
+            data,
+            out,
+            server.url,
+            "--max_steps",
+            "2",
+            "--lmbda",
+            "0.5",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--eval_samples",
+            "2",
+            "--save_steps",
+            "100",
+        )
+    )
     rows = _train_rows(out)
     assert all(r["on_policy_fraction"] + r["teacher_generated_fraction"] == 1.0 for r in rows)
     evals = [r for r in read(out) if "eval/teacher_text/jsd" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
-    assert len({r["eval/teacher_text/distinct2"] for r in evals}) == 1  # the same cached teacher samples each time
+    assert (
+        len({r["eval/teacher_text/distinct2"] for r in evals}) == 1
+    )  # the same cached teacher samples each time
 
 
 def test_heldout_divergence_on_teacher_text_falls(tiny_models, tmp_path, server):
@@ -179,8 +282,30 @@ def test_heldout_divergence_on_teacher_text_falls(tiny_models, tmp_path, server)
 
     data = write_dataset(tmp_path / "small.jsonl", n=16, seed=3)
     out = tmp_path / "run"
-    run(_cfg(tiny_models, data, out, server.url, "--max_steps", "12", "--learning_rate", "5e-3", "--lmbda", "0.5",
-             "--eval_strategy", "steps", "--eval_steps", "100", "--eval_samples", "4", "--save_steps", "100", "--lora_r", "16"))
+    run(
+        _cfg(
+            tiny_models,
+            data,
+            out,
+            server.url,
+            "--max_steps",
+            "12",
+            "--learning_rate",
+            "5e-3",
+            "--lmbda",
+            "0.5",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "100",
+            "--eval_samples",
+            "4",
+            "--save_steps",
+            "100",
+            "--lora_r",
+            "16",
+        )
+    )
     evals = [r for r in read(out) if "eval/teacher_text/jsd" in r]
     before, after = evals[0], evals[-1]
     assert (before["step"], after["step"]) == (0, 12)
@@ -190,15 +315,21 @@ def test_heldout_divergence_on_teacher_text_falls(tiny_models, tmp_path, server)
 def test_resume_continues_without_gap_or_repeat(tiny_models, tiny_dataset, tmp_path, server, make_adapter):
     out = tmp_path / "run"
     common = ("--save_steps", "1", "--lr_scheduler_type", "constant", "--lmbda", "0.5")
-    run(_cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "3", *common))  # "stopped" after step 3
+    run(
+        _cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "3", *common)
+    )  # "stopped" after step 3
     v3 = _server_version(server)
-    result = run(_cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "6", "--resume", "latest", *common))
+    result = run(
+        _cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "6", "--resume", "latest", *common)
+    )
     assert result["step"] == 6
 
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     versions = [r["policy_version"] for r in rows]
-    assert versions == list(range(versions[0], versions[0] + 6)) and versions[2] == v3  # the server already had step 3's adapter
+    assert (
+        versions == list(range(versions[0], versions[0] + 6)) and versions[2] == v3
+    )  # the server already had step 3's adapter
     # the data cursor continues: it is where an uninterrupted sampler is after 4 prompts per step
     from learner.data import PromptSampler
 
@@ -216,7 +347,9 @@ def test_resume_continues_without_gap_or_repeat(tiny_models, tiny_dataset, tmp_p
         c.push_adapter(make_adapter(r=8, seed=5).push(versions[-1] + 1))
     finally:
         c.close()
-    result = run(_cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "6", "--resume", "latest", *common))
+    result = run(
+        _cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "6", "--resume", "latest", *common)
+    )
     assert result["step"] == 6 and _server_version(server) == versions[-1] + 2
     _assert_server_serves(server, out, tiny_models.student, [7, 8, 9, 10, 11])
 
@@ -230,15 +363,25 @@ def test_seed_command_line_runs_unchanged(tiny_models, tiny_dataset, tmp_path, s
         "--gradient_checkpointing --use_peft --lora_r 64 --lora_alpha 16"
     ).split()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GKD_ROLLOUT_URL": server.url, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "learner", *seed, "--max_steps", "2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "learner", *seed, "--max_steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "gkd-model"
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [2]  # logging_steps 10: the last step is always logged
     assert math.isfinite(rows[0]["loss"])
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["lora"]["lora_r"], cfg["train"]["gradient_accumulation_steps"], cfg["train"]["gradient_checkpointing"]) == (64, 8, True)
+    assert (
+        cfg["lora"]["lora_r"],
+        cfg["train"]["gradient_accumulation_steps"],
+        cfg["train"]["gradient_checkpointing"],
+    ) == (64, 8, True)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 64
 
 
@@ -249,7 +392,18 @@ def test_canary_mismatch_is_a_hard_error(tiny_models, tiny_dataset, tmp_path, se
 
     other = build_model(tmp_path / "other-student", num_layers=2, seed=9, tokenizer_dir=tiny_models.student)
     with pytest.raises(CanaryMismatch, match="canary logprobs differ"):
-        run(_cfg(tiny_models, tiny_dataset, tmp_path / "run", server.url, "--max_steps", "1", "--model_name_or_path", str(other)))
+        run(
+            _cfg(
+                tiny_models,
+                tiny_dataset,
+                tmp_path / "run",
+                server.url,
+                "--max_steps",
+                "1",
+                "--model_name_or_path",
+                str(other),
+            )
+        )
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _train_rows(tmp_path / "run")
 
 
@@ -257,10 +411,31 @@ def test_push_to_hub_without_network_fails_after_saving(tiny_models, tiny_datase
     from learner.errors import UserError
 
     out = tmp_path / "run"
-    with pytest.raises(UserError, match=r"push_to_hub to 'gkd-service-tests/not-ours' failed .* saved locally"):
-        run(_cfg(tiny_models, tiny_dataset, out, server.url, "--max_steps", "1", "--lmbda", "0", "--push_to_hub",
-                 "--hub_model_id", "gkd-service-tests/not-ours"))
-    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.jsonl", "config.json"):
+    with pytest.raises(
+        UserError, match=r"push_to_hub to 'gkd-service-tests/not-ours' failed .* saved locally"
+    ):
+        run(
+            _cfg(
+                tiny_models,
+                tiny_dataset,
+                out,
+                server.url,
+                "--max_steps",
+                "1",
+                "--lmbda",
+                "0",
+                "--push_to_hub",
+                "--hub_model_id",
+                "gkd-service-tests/not-ours",
+            )
+        )
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "metrics.jsonl",
+        "config.json",
+    ):
         assert (out / name).exists(), name
 
 
@@ -271,21 +446,70 @@ def test_two_learner_processes_over_gloo(tiny_models, tiny_dataset, tmp_path, se
     v0 = _server_version(server)
     out = tmp_path / "ddp"
     args = [
-        "--model_name_or_path", str(tiny_models.student), "--teacher_model_name_or_path", str(tiny_models.teacher),
-        "--dataset_name", str(tiny_dataset), "--output_dir", str(out), "--rollout_url", server.url, "--max_steps", "2",
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_new_tokens", "16", "--max_length", "128",
-        "--logging_steps", "1", "--lora_r", "8", "--learning_rate", "1e-3", "--lmbda", "0.5", "--torch_num_threads", "1",
+        "--model_name_or_path",
+        str(tiny_models.student),
+        "--teacher_model_name_or_path",
+        str(tiny_models.teacher),
+        "--dataset_name",
+        str(tiny_dataset),
+        "--output_dir",
+        str(out),
+        "--rollout_url",
+        server.url,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_new_tokens",
+        "16",
+        "--max_length",
+        "128",
+        "--logging_steps",
+        "1",
+        "--lora_r",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--lmbda",
+        "0.5",
+        "--torch_num_threads",
+        "1",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "learner", *args],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "learner",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    done = re.findall(r"rank (\d)/2 finished at step (\d+), policy version (\d+), adapter digest (\w+)", res.stderr + res.stdout)
+    done = re.findall(
+        r"rank (\d)/2 finished at step (\d+), policy version (\d+), adapter digest (\w+)",
+        res.stderr + res.stdout,
+    )
     assert sorted(d[0] for d in done) == ["0", "1"], res.stderr[-3000:]
-    assert len({d[1:] for d in done}) == 1 and done[0][1] == "2"  # same step, version and weights on both ranks
+    assert (
+        len({d[1:] for d in done}) == 1 and done[0][1] == "2"
+    )  # same step, version and weights on both ranks
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    assert _server_version(server) == v0 + 3 == int(done[0][2])  # initial push + one per step, from rank 0 only
+    assert (
+        _server_version(server) == v0 + 3 == int(done[0][2])
+    )  # initial push + one per step, from rank 0 only
 
 
 def test_merged_output_serves_as_the_rollout_server_base_model(full_run, tmp_path, server_pool):
@@ -299,7 +523,11 @@ def test_merged_output_serves_as_the_rollout_server_base_model(full_run, tmp_pat
     try:
         c = srv.client()
         prompt = [5, 17, 42, 99]
-        req = GenerateRequest(request_id="m", prompts=[Prompt(prompt_id="0", token_ids=prompt)], sampling=SamplingSpec(temperature=0.0, max_new_tokens=8))
+        req = GenerateRequest(
+            request_id="m",
+            prompts=[Prompt(prompt_id="0", token_ids=prompt)],
+            sampling=SamplingSpec(temperature=0.0, max_new_tokens=8),
+        )
         comp = c.generate(req).completions[0]
         status = c.status()
         c.close()

@@ -24,8 +24,21 @@ from shared.tiny import build_model, build_tokenizer, write_dataset
 
 
 def _cfg(tiny_models, dataset, *extra):
-    cfg, _ = parse_args(["--model_name_or_path", str(tiny_models.student), "--teacher_model_name_or_path", str(tiny_models.teacher),
-                         "--dataset_name", str(dataset), "--max_length", "96", "--max_new_tokens", "16", *extra])
+    cfg, _ = parse_args(
+        [
+            "--model_name_or_path",
+            str(tiny_models.student),
+            "--teacher_model_name_or_path",
+            str(tiny_models.teacher),
+            "--dataset_name",
+            str(dataset),
+            "--max_length",
+            "96",
+            "--max_new_tokens",
+            "16",
+            *extra,
+        ]
+    )
     return cfg
 
 
@@ -56,11 +69,15 @@ def test_three_dataset_shapes(tiny_models, tok, tmp_path, shape):
 
 def test_conversational_prompt_completion_lists(tiny_models, tok, tmp_path):
     path = tmp_path / "conv.jsonl"
-    row = {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sun"}],
-           "completion": [{"role": "assistant", "content": "is light"}]}
+    row = {
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sun"}],
+        "completion": [{"role": "assistant", "content": "is light"}],
+    }
     path.write_text(json.dumps(row) + "\n")
     ex = load_data(_cfg(tiny_models, path), tok, need_eval=False).train[0]
-    assert tok.decode(ex.prompt_ids).startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nthe sun")
+    assert tok.decode(ex.prompt_ids).startswith(
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nthe sun"
+    )
     assert tok.decode(ex.completion_ids) == "is light<|im_end|>"
 
 
@@ -69,7 +86,9 @@ def test_plain_text_without_chat_template(tiny_models, tmp_path):
     build_tokenizer(plain_dir)
     (plain_dir / "chat_template.jinja").unlink()  # a plain (base-model) tokenizer
     cfg_file = plain_dir / "tokenizer_config.json"
-    cfg_file.write_text(json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items() if k != "chat_template"}))
+    cfg_file.write_text(
+        json.dumps({k: v for k, v in json.loads(cfg_file.read_text()).items() if k != "chat_template"})
+    )
     tok = load_tokenizer(str(plain_dir), _cfg(tiny_models, "x/y"))
     path = write_dataset(tmp_path / "pc.jsonl", n=4, shape="prompt_completion")
     ex = load_data(_cfg(tiny_models, path), tok, need_eval=False).train[0]
@@ -89,7 +108,11 @@ def test_overlong_prompts_are_counted_and_skipped_or_truncated(tiny_models, tok,
     skipped = load_data(_cfg(tiny_models, path, "--max_prompt_length", str(limit)), tok, need_eval=False)
     assert skipped.report.overlong == n_over and len(skipped.train) == 40 - n_over
     assert all(len(e.prompt_ids) <= limit for e in skipped.train)
-    cut = load_data(_cfg(tiny_models, path, "--max_prompt_length", str(limit), "--overlong_prompts", "truncate"), tok, need_eval=False)
+    cut = load_data(
+        _cfg(tiny_models, path, "--max_prompt_length", str(limit), "--overlong_prompts", "truncate"),
+        tok,
+        need_eval=False,
+    )
     assert cut.report.overlong == n_over and len(cut.train) == 40
     for a, b in zip(full, cut.train):
         assert b.prompt_ids == a.prompt_ids[-limit:]  # the end (with the generation prompt) is kept
@@ -164,11 +187,15 @@ def test_tokenizer_mismatch_is_a_clear_error(tok, tmp_path):
 def test_larger_teacher_vocab_is_sliced(tiny_models, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    big = build_model(tmp_path / "big", num_layers=1, seed=3, tokenizer_dir=tiny_models.student, vocab_size=len(tok) + 32)
+    big = build_model(
+        tmp_path / "big", num_layers=1, seed=3, tokenizer_dir=tiny_models.student, vocab_size=len(tok) + 32
+    )
     teacher = AutoModelForCausalLM.from_pretrained(str(big)).eval()
     student = AutoModelForCausalLM.from_pretrained(str(tiny_models.student))
     assert check_tokenizers(tok, load_tokenizer(str(big), _cfg(tiny_models, "x/y")), 384, 416) == 384
-    batch = collate([[5, 6, 7], [8, 9]], [[10, 11, tok.eos_token_id], [12, tok.eos_token_id]], tok.pad_token_id, 64)
+    batch = collate(
+        [[5, 6, 7], [8, 9]], [[10, 11, tok.eos_token_id], [12, tok.eos_token_id]], tok.pad_token_id, 64
+    )
     t_logits = completion_logits(teacher, batch, vocab=384)
     assert t_logits.shape[-1] == 384
     full = completion_logits(teacher, batch, vocab=10**6)
@@ -196,7 +223,9 @@ def test_collate_aligns_completions_and_matches_unpadded_logits(tiny_models, tok
             alone = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
             torch.testing.assert_close(logits[i, : len(c)], alone, atol=1e-5, rtol=1e-4)
     assert collate([[1, 2]], [[]], 0, 64) is None
-    assert collate([[1, 2, 3]], [[4, 5, 6, 7]], 0, max_length=5).labels.tolist() == [[4, 5]]  # cut at max_length
+    assert collate([[1, 2, 3]], [[4, 5, 6, 7]], 0, max_length=5).labels.tolist() == [
+        [4, 5]
+    ]  # cut at max_length
 
 
 # ---------------------------------------------------------------- rollouts, sync, evaluation helpers
@@ -206,7 +235,9 @@ def test_on_policy_draw_is_seeded_with_probability_lmbda():
     draws = [is_on_policy(3, i, 0.3) for i in range(4000)]
     assert abs(sum(draws) / 4000 - 0.3) < 0.03
     assert draws == [is_on_policy(3, i, 0.3) for i in range(4000)]
-    assert not any(is_on_policy(3, i, 0.0) for i in range(500)) and all(is_on_policy(3, i, 1.0) for i in range(500))
+    assert not any(is_on_policy(3, i, 0.0) for i in range(500)) and all(
+        is_on_policy(3, i, 1.0) for i in range(500)
+    )
 
 
 def test_canary_tolerance_depends_on_dtype():
@@ -215,7 +246,9 @@ def test_canary_tolerance_depends_on_dtype():
     with pytest.raises(CanaryMismatch, match="max <= 0.001"):
         compare(base, [x + 2e-3 for x in base], torch.float32, "float32")
     # bf16 on either side: mean |Δ| < 0.05 and max |Δ| < 0.5
-    assert compare(base, [base[0] + 0.1, base[1] - 0.02, *base[2:]], torch.float32, "bfloat16")[1] == pytest.approx(0.1)
+    assert compare(base, [base[0] + 0.1, base[1] - 0.02, *base[2:]], torch.float32, "bfloat16")[
+        1
+    ] == pytest.approx(0.1)
     with pytest.raises(CanaryMismatch):
         compare(base, [x + 0.06 for x in base], torch.bfloat16, "bfloat16")
     with pytest.raises(CanaryMismatch):
@@ -240,8 +273,12 @@ def test_eval_divergences_agree_with_the_training_loss(beta):
     d = token_divergences(s, t, labels, beta)
     ref = generalized_jsd_loss(s, t, labels=labels, beta=beta)
     assert d["jsd"].shape == (8,) and d["jsd"].mean().item() == pytest.approx(ref.item(), abs=1e-5)
-    assert d["kl_fwd"].mean().item() == pytest.approx(generalized_jsd_loss(s, t, labels=labels, beta=0.0).item(), abs=1e-5)
-    assert d["kl_rev"].mean().item() == pytest.approx(generalized_jsd_loss(s, t, labels=labels, beta=1.0).item(), abs=1e-5)
+    assert d["kl_fwd"].mean().item() == pytest.approx(
+        generalized_jsd_loss(s, t, labels=labels, beta=0.0).item(), abs=1e-5
+    )
+    assert d["kl_rev"].mean().item() == pytest.approx(
+        generalized_jsd_loss(s, t, labels=labels, beta=1.0).item(), abs=1e-5
+    )
 
 
 # ---------------------------------------------------------------- checkpoints and metrics
@@ -249,7 +286,10 @@ def test_eval_divergences_agree_with_the_training_loss(beta):
 
 def _save(out, step, seed=0):
     g = torch.Generator().manual_seed(seed)
-    adapter = {"base_model.model.l.lora_A.weight": torch.randn(2, 4, generator=g), "base_model.model.l.lora_B.weight": torch.randn(4, 2, generator=g)}
+    adapter = {
+        "base_model.model.l.lora_A.weight": torch.randn(2, 4, generator=g),
+        "base_model.model.l.lora_B.weight": torch.randn(4, 2, generator=g),
+    }
     p = torch.nn.Parameter(torch.randn(3))
     opt = torch.optim.AdamW([p], lr=0.1)
     p.grad = torch.ones(3)

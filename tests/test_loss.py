@@ -104,7 +104,9 @@ def test_reductions_relate_to_the_sum():
     assert per_element.shape == (n_valid, V)
     torch.testing.assert_close(per_element.sum(), total)
     torch.testing.assert_close(generalized_jsd_loss(s, t, labels=labels), total / n_valid)
-    torch.testing.assert_close(generalized_jsd_loss(s, t, labels=labels, reduction="mean"), total / (n_valid * V))
+    torch.testing.assert_close(
+        generalized_jsd_loss(s, t, labels=labels, reduction="mean"), total / (n_valid * V)
+    )
     torch.testing.assert_close(generalized_jsd_loss(s, t), generalized_jsd_loss(s, t, reduction="sum") / B)
     assert generalized_jsd_loss(s, t, reduction="none").shape == (B, T, V)
     with pytest.raises(ValueError):
@@ -115,7 +117,9 @@ def test_reductions_relate_to_the_sum():
 def test_num_items_in_batch_and_empty_mask_match_trl(trl_jsd, chunk_size):
     s, t, labels = _logits(33), _logits(34), _labels(35)
     expected = trl_jsd(s, t, labels=labels, num_items_in_batch=torch.tensor(40))
-    ours = generalized_jsd_loss(s, t, labels=labels, num_items_in_batch=torch.tensor(40), chunk_size=chunk_size)
+    ours = generalized_jsd_loss(
+        s, t, labels=labels, num_items_in_batch=torch.tensor(40), chunk_size=chunk_size
+    )
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
     none = torch.full((B, T), -100)  # e.g. a completion truncated away: 0, not nan
     student = s.clone().requires_grad_(True)
@@ -133,7 +137,9 @@ def test_temperature_divides_both_logits(beta):
     scaled = generalized_jsd_loss(s, t, beta=beta, temperature=2.0)
     torch.testing.assert_close(scaled, generalized_jsd_loss(s / 2.0, t / 2.0, beta=beta), atol=1e-6, rtol=0)
     # Softer distributions are closer: a high temperature shrinks the divergence towards 0.
-    assert generalized_jsd_loss(s, t, beta=beta, temperature=100.0) < 0.01 * generalized_jsd_loss(s, t, beta=beta)
+    assert generalized_jsd_loss(s, t, beta=beta, temperature=100.0) < 0.01 * generalized_jsd_loss(
+        s, t, beta=beta
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
@@ -193,7 +199,9 @@ def _value_and_grad(student, teacher, **kwargs):
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 def test_chunked_matches_plain_values_and_grads(beta, temperature, masked, reduction):
     s, t = _logits(21), _logits(22)
-    kwargs = dict(labels=_labels(23) if masked else None, beta=beta, temperature=temperature, reduction=reduction)
+    kwargs = dict(
+        labels=_labels(23) if masked else None, beta=beta, temperature=temperature, reduction=reduction
+    )
     plain_value, plain_grad = _value_and_grad(s, t, **kwargs)
     for chunk_size in (4, 64):  # 4 does not divide T; 64 is bigger than T
         value, grad = _value_and_grad(s, t, chunk_size=chunk_size, **kwargs)

@@ -62,7 +62,10 @@ def test_trim_unfinished_keeps_whole_sentences():
     text = "The sun is a star. It gives light and heat to the Earth. Plants use that light to"
     assert P.trim_unfinished(text) == "The sun is a star. It gives light and heat to the Earth."
     # too little would be left: keep the text rather than a stub
-    assert P.trim_unfinished("Hi. This sentence runs on and on and got cut") == "Hi. This sentence runs on and on and got cut"
+    assert (
+        P.trim_unfinished("Hi. This sentence runs on and on and got cut")
+        == "Hi. This sentence runs on and on and got cut"
+    )
     assert P.trim_unfinished("no sentence end here at all") == "no sentence end here at all"
 
 
@@ -89,7 +92,9 @@ def test_prune_tiny_model_end_to_end(tmp_path):
     s = AutoModelForCausalLM.from_pretrained(str(out))
     assert s.config.num_hidden_layers == 3 and len(s.model.layers) == 3
     for new, old in enumerate([0, 2, 5]):
-        for (n1, p1), (n2, p2) in zip(s.model.layers[new].named_parameters(), t.model.layers[old].named_parameters(), strict=True):
+        for (n1, p1), (n2, p2) in zip(
+            s.model.layers[new].named_parameters(), t.model.layers[old].named_parameters(), strict=True
+        ):
             assert n1 == n2 and torch.equal(p1, p2), n1
     assert torch.equal(s.model.embed_tokens.weight, t.model.embed_tokens.weight)
     # cached: same key -> untouched; another key -> rebuilt
@@ -118,7 +123,9 @@ def test_gguf_teacher_is_a_plain_hf_model_with_chat_template(teacher_dir):
     assert getattr(m.config, "quantization_config", None) is None
     assert (teacher_dir / "model.safetensors").exists()
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n") and tok.eos_token == "<|im_end|>"
 
 

@@ -7,6 +7,7 @@ by its own PIDs at the end: never `ray stop`, which would stop every cluster on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,17 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # Not uploaded with the job's working dir (Ray also honours .gitignore).
-EXCLUDES = [".git", ".venv", "demo-output", "bench/out", "runs", ".cache", ".pytest_cache", "**/__pycache__", "*.egg-info"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "demo-output",
+    "bench/out",
+    "runs",
+    ".cache",
+    ".pytest_cache",
+    "**/__pycache__",
+    "*.egg-info",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -49,7 +60,11 @@ class Cluster:
         tails = [f"== ray start\n{(self.tmp / 'ray-start.log').read_text()[-2000:]}"]
         for f in ("raylet.out", "gcs_server.out", "dashboard_agent.log", "dashboard.log"):
             if (logs / f).is_file():
-                bad = [ln for ln in (logs / f).read_text(errors="replace").splitlines() if " E " in ln or " C " in ln or "ERROR" in ln]
+                bad = [
+                    ln
+                    for ln in (logs / f).read_text(errors="replace").splitlines()
+                    if " E " in ln or " C " in ln or "ERROR" in ln
+                ]
                 tails.append(f"== {f}\n" + "\n".join(bad[-15:]))
         pytest.fail(f"the Ray cluster died (ray start exited {self.proc.returncode}):\n" + "\n".join(tails))
 
@@ -91,20 +106,14 @@ def _stop(proc: subprocess.Popen) -> None:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     _, alive = psutil.wait_procs(tree, timeout=5)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     proc.wait(timeout=30)
 
 
@@ -151,7 +160,11 @@ def ray_cluster(server_pool):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_models, tiny_dataset):
-    return {"student": str(tiny_models.student), "teacher": str(tiny_models.teacher), "data": str(tiny_dataset)}
+    return {
+        "student": str(tiny_models.student),
+        "teacher": str(tiny_models.teacher),
+        "data": str(tiny_dataset),
+    }
 
 
 def _job_args(tiny, out: Path, student: str | None = None) -> list[str]:
@@ -262,7 +275,9 @@ def test_ray_transport_round_trip_and_errors(ray_cluster, tiny, make_adapter):
         assert client.status().healthy  # waits for the engine inside the actor
 
         greedy = SamplingSpec(temperature=0.0, max_new_tokens=6)
-        req = GenerateRequest(request_id="a", prompts=[Prompt(prompt_id="p", token_ids=[5, 6, 7])], sampling=greedy)
+        req = GenerateRequest(
+            request_id="a", prompts=[Prompt(prompt_id="p", token_ids=[5, 6, 7])], sampling=greedy
+        )
         assert client.submit(req) == "a"
         before = client.result("a", timeout_s=120)
         assert before.policy_version == 0 and len(before.completions[0].token_ids) == 6
@@ -272,7 +287,9 @@ def test_ray_transport_round_trip_and_errors(ray_cluster, tiny, make_adapter):
         # The server scored the canary with exactly the adapter we sent (fp32 on CPU: tight).
         expect = hf_logprobs(adapter.merged, canary)
         assert max(abs(a - b) for a, b in zip(pushed.canary_logprobs, expect, strict=True)) < 1e-3
-        after = client.generate(GenerateRequest(request_id="b", prompts=req.prompts, sampling=greedy), timeout_s=120)
+        after = client.generate(
+            GenerateRequest(request_id="b", prompts=req.prompts, sampling=greedy), timeout_s=120
+        )
         assert after.policy_version == 1
 
         with pytest.raises(RemoteError) as e:

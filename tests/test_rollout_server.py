@@ -24,7 +24,13 @@ FP32_TOL = 1e-3  # vLLM fp32 vs HF fp32 measured 2.8e-5 (measured-facts.md)
 SECURE = {"host": "0.0.0.0", "token": "s3cret-token", "sync_mode": "lora"}  # shared with test_wire.py
 
 
-def gen_request(rid: str = "", temperature: float = 0.0, max_new_tokens: int = 24, seed: int | None = None, min_version: int = 0) -> GenerateRequest:
+def gen_request(
+    rid: str = "",
+    temperature: float = 0.0,
+    max_new_tokens: int = 24,
+    seed: int | None = None,
+    min_version: int = 0,
+) -> GenerateRequest:
     return GenerateRequest(
         request_id=rid,
         prompts=[Prompt(prompt_id=f"p{i}", token_ids=p) for i, p in enumerate(PROMPTS)],
@@ -46,8 +52,14 @@ def assert_matches_hf(reply, model, max_new_tokens: int = 24) -> None:
 
 def test_cli_refuses_open_bind_without_token(tiny_models):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "rollout_server", "--model", str(tiny_models.student), "--host", "0.0.0.0"],
-                       cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "rollout_server", "--model", str(tiny_models.student), "--host", "0.0.0.0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "token" in lines[0], r.stderr
@@ -55,7 +67,13 @@ def test_cli_refuses_open_bind_without_token(tiny_models):
 
 
 def test_cli_rejects_missing_model(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rollout_server", "--model", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "rollout_server", "--model", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "no such directory" in r.stderr
 
@@ -109,7 +127,12 @@ class RecordingEngine:
         time.sleep(self.gen_s)
         self.busy = False
         assert self.loads == seen, "weights changed during a generate call"
-        return [Completion(prompt_id=p.prompt_id, token_ids=[seen, seen], logprobs=[-0.1, -0.2], finish_reason="length") for p in prompts]
+        return [
+            Completion(
+                prompt_id=p.prompt_id, token_ids=[seen, seen], logprobs=[-0.1, -0.2], finish_reason="length"
+            )
+            for p in prompts
+        ]
 
     def load_merged(self, weights):
         assert not self.busy, "reload overlapped a generate call"
@@ -142,8 +165,12 @@ def local_service(tiny_models):
 
 
 def _small_request(rid: str, n: int = 2, min_version: int = 0) -> GenerateRequest:
-    return GenerateRequest(request_id=rid, prompts=[Prompt(prompt_id=f"{rid}-{i}", token_ids=[5, 6]) for i in range(n)],
-                           sampling=SamplingSpec(max_new_tokens=2), min_version=min_version)
+    return GenerateRequest(
+        request_id=rid,
+        prompts=[Prompt(prompt_id=f"{rid}-{i}", token_ids=[5, 6]) for i in range(n)],
+        sampling=SamplingSpec(max_new_tokens=2),
+        min_version=min_version,
+    )
 
 
 def test_service_batches_waiting_requests_and_pushes_between_batches(local_service, make_adapter):
@@ -213,13 +240,19 @@ def test_merged_reload_sends_whole_fused_layers_and_restores_untouched_weights(l
     for layer in range(2):
         pre = f"model.layers.{layer}"
         assert {f"{pre}.self_attn.{m}_proj.weight" for m in "qkv"} <= set(first)
-        assert not torch.equal(first[f"{pre}.self_attn.q_proj.weight"], pristine[f"{pre}.self_attn.q_proj.weight"])
-        assert torch.equal(first[f"{pre}.self_attn.k_proj.weight"], pristine[f"{pre}.self_attn.k_proj.weight"])
+        assert not torch.equal(
+            first[f"{pre}.self_attn.q_proj.weight"], pristine[f"{pre}.self_attn.q_proj.weight"]
+        )
+        assert torch.equal(
+            first[f"{pre}.self_attn.k_proj.weight"], pristine[f"{pre}.self_attn.k_proj.weight"]
+        )
         assert f"{pre}.mlp.gate_proj.weight" not in first
     c.push_adapter(make_adapter(r=4, seed=1, targets=("q_proj",)).push(2))
     second = engine.loaded[-1]
     # down_proj is no longer adapted: it must go back to the pristine weights.
-    assert torch.equal(second["model.layers.0.mlp.down_proj.weight"], pristine["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(
+        second["model.layers.0.mlp.down_proj.weight"], pristine["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 def test_service_min_version_timeout_token_and_shutdown(local_service):
@@ -278,7 +311,11 @@ def test_round_trip(rollout_server, hf_student):
 
 @pytest.mark.slow
 def test_bad_generate_requests_are_refused(rollout_server):
-    too_long = GenerateRequest(request_id="long", prompts=[Prompt(prompt_id="x", token_ids=[5] * 1020)], sampling=SamplingSpec(max_new_tokens=16))
+    too_long = GenerateRequest(
+        request_id="long",
+        prompts=[Prompt(prompt_id="x", token_ids=[5] * 1020)],
+        sampling=SamplingSpec(max_new_tokens=16),
+    )
     out_of_vocab = GenerateRequest(request_id="oov", prompts=[Prompt(prompt_id="x", token_ids=[5, 10**6])])
     empty = GenerateRequest(request_id="empty", prompts=[Prompt(prompt_id="x", token_ids=[])])
     with rollout_server.client() as c:
@@ -295,7 +332,12 @@ def test_openai_endpoint(rollout_server):
 
     client = OpenAI(base_url=f"http://127.0.0.1:{rollout_server.http_port}/v1", api_key="unused", timeout=120)
     assert [m.id for m in client.models.list().data] == ["student"]
-    chat = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "write a short poem"}], max_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model="student",
+        messages=[{"role": "user", "content": "write a short poem"}],
+        max_tokens=12,
+        temperature=0,
+    )
     assert chat.choices[0].message.role == "assistant"
     assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens > 0
     assert chat.model_extra["policy_version"] == 0
@@ -325,13 +367,22 @@ def test_corrupt_adapters_are_rejected_and_previous_version_keeps_serving(rollou
         t[b_name.replace("q_proj", "zz_proj")] = t.pop(b_name)
 
     cases = {
-        "bad checksum": (PushAdapter(version=1, adapter=good.data, sha256="0" * 64, lora=good.lora), "checksum"),
+        "bad checksum": (
+            PushAdapter(version=1, adapter=good.data, sha256="0" * 64, lora=good.lora),
+            "checksum",
+        ),
         "wrong shape": (push_of(lambda t: t.__setitem__(a_name, torch.zeros(8, 77))), "invalid_adapter"),
         "unknown module": (push_of(rename), "invalid_adapter"),
         "missing lora_B": (push_of(lambda t: t.pop(b_name)), "invalid_adapter"),
-        "nan values": (push_of(lambda t: t.__setitem__(a_name, torch.full_like(t[a_name], float("nan")))), "invalid_adapter"),
+        "nan values": (
+            push_of(lambda t: t.__setitem__(a_name, torch.full_like(t[a_name], float("nan")))),
+            "invalid_adapter",
+        ),
         "rank above max": (make_adapter(r=64, seed=0).push(1), "invalid_adapter"),
-        "not safetensors": (PushAdapter(version=1, adapter=b"junk", sha256=sha256_hex(b"junk"), lora=good.lora), "invalid_adapter"),
+        "not safetensors": (
+            PushAdapter(version=1, adapter=b"junk", sha256=sha256_hex(b"junk"), lora=good.lora),
+            "invalid_adapter",
+        ),
         "version not above serving": (good.push(0), "bad_version"),
     }
     with rollout_server.client() as c:
@@ -359,11 +410,16 @@ def test_push_reloads_in_place_and_matches_hf_merged(rollout_server, make_adapte
         pid_before = rollout_server.pid
         r1 = c.push_adapter(v1.push(1, CANARY))
         assert (r1.version, r1.serving_dtype) == (1, "float32") and r1.reload_s > 0
-        assert max(abs(a - b) for a, b in zip(r1.canary_logprobs, hf_logprobs(v1.merged, CANARY), strict=True)) < FP32_TOL
+        assert (
+            max(abs(a - b) for a, b in zip(r1.canary_logprobs, hf_logprobs(v1.merged, CANARY), strict=True))
+            < FP32_TOL
+        )
         g1 = c.generate(gen_request())
         assert g1.policy_version == 1
         assert_matches_hf(g1, v1.merged)
-        assert [x.token_ids for x in g1.completions] != [x.token_ids for x in base.completions]  # the push changed outputs
+        assert [x.token_ids for x in g1.completions] != [
+            x.token_ids for x in base.completions
+        ]  # the push changed outputs
 
         # A request that needs version 2 waits for it; it is counted in the queue meanwhile.
         waiting = c.submit(gen_request(rid="needs-v2", min_version=2))
@@ -374,18 +430,30 @@ def test_push_reloads_in_place_and_matches_hf_merged(rollout_server, make_adapte
         r2 = c.push_adapter(v2.push(2, CANARY))
         g2 = c.result(waiting)
         assert r2.version == 2 and g2.policy_version == 2
-        assert max(abs(a - b) for a, b in zip(r2.canary_logprobs, hf_logprobs(v2.merged, CANARY), strict=True)) < FP32_TOL
+        assert (
+            max(abs(a - b) for a, b in zip(r2.canary_logprobs, hf_logprobs(v2.merged, CANARY), strict=True))
+            < FP32_TOL
+        )
         assert_matches_hf(g2, v2.merged)
 
         # Re-pushing the serving adapter (a learner reconnecting) is an idempotent no-op.
         again = c.push_adapter(v2.push(2, CANARY))
-        assert again.version == 2 and again.reload_s == 0.0 and again.canary_logprobs == pytest.approx(r2.canary_logprobs, abs=1e-6)
+        assert (
+            again.version == 2
+            and again.reload_s == 0.0
+            and again.canary_logprobs == pytest.approx(r2.canary_logprobs, abs=1e-6)
+        )
         with pytest.raises(RemoteError) as e:
             c.push_adapter(v1.push(2))  # same version, other bytes
         assert e.value.code == "bad_version"
         st = c.status()
     assert st.policy_version == 2 and st.healthy and st.queue_depth == 0
-    assert 0 < st.last_reload_s < 30 and st.tokens_per_s > 0 and st.sync_mode == "merged" and st.dtype == "float32"
+    assert (
+        0 < st.last_reload_s < 30
+        and st.tokens_per_s > 0
+        and st.sync_mode == "merged"
+        and st.dtype == "float32"
+    )
     assert rollout_server.alive() and rollout_server.pid == pid_before  # reloaded in place, no restart
 
 
@@ -426,7 +494,10 @@ def test_lora_mode_round_trip_and_push(secure_server, make_adapter, hf_student):
         assert_matches_hf(base, hf_student)
         r1 = c.push_adapter(v1.push(1, CANARY))
         assert r1.version == 1
-        assert max(abs(a - b) for a, b in zip(r1.canary_logprobs, hf_logprobs(v1.merged, CANARY), strict=True)) < FP32_TOL
+        assert (
+            max(abs(a - b) for a, b in zip(r1.canary_logprobs, hf_logprobs(v1.merged, CANARY), strict=True))
+            < FP32_TOL
+        )
         g1 = c.generate(gen_request())
         assert g1.policy_version == 1
         assert_matches_hf(g1, v1.merged)

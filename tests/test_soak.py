@@ -65,15 +65,25 @@ def check_reply(reply, req: GenerateRequest, versions_before: int, tally: Tally)
     else:
         with tally.lock:
             newest = tally.max_pushed
-        if not (req.min_version <= reply.policy_version and versions_before <= reply.policy_version <= newest + 1):
+        if not (
+            req.min_version <= reply.policy_version and versions_before <= reply.policy_version <= newest + 1
+        ):
             # newest + 1: a push may be serving before its PushReply reached the pusher
-            problems.append(f"policy version {reply.policy_version} outside [{max(req.min_version, versions_before)}, {newest + 1}]")
+            problems.append(
+                f"policy version {reply.policy_version} outside [{max(req.min_version, versions_before)}, {newest + 1}]"
+            )
         for c in reply.completions:
             n = len(c.token_ids)
             if not (1 <= n <= s.max_new_tokens and len(c.logprobs) == n):
-                problems.append(f"{c.prompt_id}: {n} tokens, {len(c.logprobs)} logprobs, max {s.max_new_tokens}")
-            elif c.finish_reason not in ("stop", "length") or (c.finish_reason == "length" and n != s.max_new_tokens):
-                problems.append(f"{c.prompt_id}: finish_reason {c.finish_reason!r} with {n}/{s.max_new_tokens} tokens")
+                problems.append(
+                    f"{c.prompt_id}: {n} tokens, {len(c.logprobs)} logprobs, max {s.max_new_tokens}"
+                )
+            elif c.finish_reason not in ("stop", "length") or (
+                c.finish_reason == "length" and n != s.max_new_tokens
+            ):
+                problems.append(
+                    f"{c.prompt_id}: finish_reason {c.finish_reason!r} with {n}/{s.max_new_tokens} tokens"
+                )
             elif not all(math.isfinite(x) and x <= 1e-4 for x in c.logprobs):
                 problems.append(f"{c.prompt_id}: logprobs not in (-inf, 0]")
     if problems:
@@ -88,11 +98,23 @@ def generate_loop(server, name: str, stop: threading.Event, tally: Tally, seed: 
             n += 1
             with tally.lock:
                 known = tally.max_pushed
-            prompts = [Prompt(prompt_id=f"{name}-{n}-{i}", token_ids=[rng.randrange(3, 380) for _ in range(rng.randint(2, 40))])
-                       for i in range(rng.randint(1, 6))]
-            req = GenerateRequest(request_id=f"{name}-{n}", prompts=prompts,
-                                  sampling=SamplingSpec(temperature=rng.choice([0.0, 0.9]), max_new_tokens=rng.randint(1, 48), seed=rng.randrange(1 << 30)),
-                                  min_version=known if rng.random() < 0.3 else 0)
+            prompts = [
+                Prompt(
+                    prompt_id=f"{name}-{n}-{i}",
+                    token_ids=[rng.randrange(3, 380) for _ in range(rng.randint(2, 40))],
+                )
+                for i in range(rng.randint(1, 6))
+            ]
+            req = GenerateRequest(
+                request_id=f"{name}-{n}",
+                prompts=prompts,
+                sampling=SamplingSpec(
+                    temperature=rng.choice([0.0, 0.9]),
+                    max_new_tokens=rng.randint(1, 48),
+                    seed=rng.randrange(1 << 30),
+                ),
+                min_version=known if rng.random() < 0.3 else 0,
+            )
             try:
                 reply = c.generate(req)
             except RemoteError as e:  # a clear refusal is allowed; it must be one line
@@ -134,7 +156,10 @@ def push_loop(server, adapters, stop: threading.Event, tally: Tally) -> None:
 def test_soak_four_clients_with_pushes(server, make_adapter):
     adapters = [make_adapter(r=8, seed=s) for s in (11, 12, 13)]
     tally, stop = Tally(), threading.Event()
-    threads = [threading.Thread(target=generate_loop, args=(server, f"gen{k}", stop, tally, k), daemon=True) for k in range(3)]
+    threads = [
+        threading.Thread(target=generate_loop, args=(server, f"gen{k}", stop, tally, k), daemon=True)
+        for k in range(3)
+    ]
     threads.append(threading.Thread(target=push_loop, args=(server, adapters, stop, tally), daemon=True))
     for t in threads:
         t.start()
@@ -150,15 +175,19 @@ def test_soak_four_clients_with_pushes(server, make_adapter):
     elapsed = time.monotonic() - t0
     rss_end = rss_bytes(server.pid)
     hung = [t.name for t in threads if t.is_alive()]
-    print(f"\nsoak: {elapsed:.0f} s measured (+{WARMUP_S:.0f} s warm-up), {tally.ok} answers ({tally.ok - ok_start} in the window), "
-          f"{tally.pushes} pushes, {len(tally.errors)} clear errors, {len(tally.failures)} failures; "
-          f"server RSS start {rss_start / 2**20:.1f} MiB, end {rss_end / 2**20:.1f} MiB "
-          f"(every 10 s: {', '.join(f'{x / 2**20:.0f}' for x in samples)})")
+    print(
+        f"\nsoak: {elapsed:.0f} s measured (+{WARMUP_S:.0f} s warm-up), {tally.ok} answers ({tally.ok - ok_start} in the window), "
+        f"{tally.pushes} pushes, {len(tally.errors)} clear errors, {len(tally.failures)} failures; "
+        f"server RSS start {rss_start / 2**20:.1f} MiB, end {rss_end / 2**20:.1f} MiB "
+        f"(every 10 s: {', '.join(f'{x / 2**20:.0f}' for x in samples)})"
+    )
     assert not hung, f"threads still waiting: {hung}"
     assert not tally.failures, tally.failures[:5]
     assert tally.pushes >= SOAK_S / PUSH_EVERY_S / 2 and tally.ok - ok_start >= 20  # it really was under load
     assert len(tally.errors) <= 0.05 * tally.ok, tally.errors[:5]
-    assert rss_end <= rss_start * RSS_FACTOR + RSS_SLACK_MB * 2**20, f"server RSS grew from {rss_start / 2**20:.0f} to {rss_end / 2**20:.0f} MiB"
+    assert rss_end <= rss_start * RSS_FACTOR + RSS_SLACK_MB * 2**20, (
+        f"server RSS grew from {rss_start / 2**20:.0f} to {rss_end / 2**20:.0f} MiB"
+    )
     with server.client(timeout_s=30) as c:
         st = c.status()
     assert server.alive() and st.healthy and st.policy_version == tally.max_pushed

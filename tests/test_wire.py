@@ -71,8 +71,12 @@ def test_malformed_messages_are_refused(secure_server, tmp_path):
         "crafted pickle": pickle.dumps(_Evil(str(marker))),
         "random garbage": os.urandom(512),
         "truncated msgpack": good[: len(good) // 2],
-        "unknown tag": msgspec.msgpack.encode({"token": SECURE["token"], "body": {"type": "exec", "code": "print(1)"}}),
-        "wrong field type": msgspec.msgpack.encode({"token": SECURE["token"], "body": {"type": "generate", "request_id": 5, "prompts": "x"}}),
+        "unknown tag": msgspec.msgpack.encode(
+            {"token": SECURE["token"], "body": {"type": "exec", "code": "print(1)"}}
+        ),
+        "wrong field type": msgspec.msgpack.encode(
+            {"token": SECURE["token"], "body": {"type": "generate", "request_id": 5, "prompts": "x"}}
+        ),
         "empty frame": b"",
     }
     for name, payload in payloads.items():
@@ -123,8 +127,21 @@ def test_oversized_message_is_refused_unbuffered(secure_server):
 
 @pytest.mark.slow
 def test_port_in_use_is_one_line_and_exit_2(secure_server, tiny_models):
-    r = subprocess.run([sys.executable, "-m", "rollout_server", "--model", str(tiny_models.student), "--port", str(secure_server.port)],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rollout_server",
+            "--model",
+            str(tiny_models.student),
+            "--port",
+            str(secure_server.port),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "already in use" in r.stderr, r.stderr
     _assert_serving(secure_server)
@@ -137,22 +154,61 @@ def test_port_in_use_without_engine(tiny_models):
         s.listen()
         port = s.getsockname()[1]
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "rollout_server", "--model", str(tiny_models.student), "--port", str(port)],
-                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rollout_server",
+                "--model",
+                str(tiny_models.student),
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"port {port}" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 10
 
 
 def test_no_unpickling_on_the_network_path():
     """Nothing that receives network bytes may call pickle (or torch.load, which unpickles)."""
-    files = [REPO / "shared" / "messages.py", REPO / "shared" / "adapters.py", *sorted((REPO / "shared" / "transport").glob("*.py")),
-             *sorted((REPO / "rollout_server").glob("*.py"))]
-    pattern = re.compile(r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|marshal)\b|pickle\.loads?\(|Unpickler|torch\.load\(|allow_pickle\s*=\s*True", re.M)
-    hits = [f"{f.relative_to(REPO)}:{text[: m.start()].count(chr(10)) + 1}" for f in files for text in [f.read_text()] for m in pattern.finditer(text)]
+    files = [
+        REPO / "shared" / "messages.py",
+        REPO / "shared" / "adapters.py",
+        *sorted((REPO / "shared" / "transport").glob("*.py")),
+        *sorted((REPO / "rollout_server").glob("*.py")),
+    ]
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|marshal)\b|pickle\.loads?\(|Unpickler|torch\.load\(|allow_pickle\s*=\s*True",
+        re.M,
+    )
+    hits = [
+        f"{f.relative_to(REPO)}:{text[: m.start()].count(chr(10)) + 1}"
+        for f in files
+        for text in [f.read_text()]
+        for m in pattern.finditer(text)
+    ]
     assert not hits, f"unpickling on the network path: {hits}"
     # And the same check with git, as the issue asks (untracked files included).
-    out = subprocess.run(["git", "grep", "-n", "--untracked", "-E", r"pickle\.loads?\(|Unpickler|torch\.load\(", "--", "shared", "rollout_server"],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            "git",
+            "grep",
+            "-n",
+            "--untracked",
+            "-E",
+            r"pickle\.loads?\(|Unpickler|torch\.load\(",
+            "--",
+            "shared",
+            "rollout_server",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout == "", out.stdout
 
 

@@ -33,4 +33,6 @@ def connect(url: str, *, token: str | None = None, timeout_s: float = 600.0, **k
         from shared.transport.inproc import InprocClient
 
         return InprocClient(token=token, timeout_s=timeout_s, **kw)
-    raise ValueError(f"rollout_url={url!r}: unknown scheme; use tcp://host:port, ray://<actor name> or inproc://")
+    raise ValueError(
+        f"rollout_url={url!r}: unknown scheme; use tcp://host:port, ray://<actor name> or inproc://"
+    )

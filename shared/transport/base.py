@@ -43,8 +43,7 @@ class RolloutClient(Protocol):
         """Push an adapter; returns once the server serves it (and scored the canary)."""
         ...
 
-    def status(self, timeout_s: float | None = None) -> Status:
-        ...
+    def status(self, timeout_s: float | None = None) -> Status: ...
 
     def close(self) -> None:
         """Release sockets / handles. Idempotent."""

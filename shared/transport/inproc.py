@@ -50,7 +50,9 @@ class InprocClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._cv:
             if not self._cv.wait_for(lambda: key in self._replies, timeout):
-                raise ServerUnavailable(f"no reply from the in-process rollout service within {timeout:.0f} s")
+                raise ServerUnavailable(
+                    f"no reply from the in-process rollout service within {timeout:.0f} s"
+                )
             data = self._replies.pop(key)
         reply = decode_reply(data)
         if isinstance(reply, ErrorReply):

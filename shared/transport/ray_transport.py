@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shared.messages import Envelope, ErrorReply, GenerateReply, PushReply, Status, StatusRequest, decode_reply, encode
+from shared.messages import (
+    Envelope,
+    ErrorReply,
+    GenerateReply,
+    PushReply,
+    Status,
+    StatusRequest,
+    decode_reply,
+    encode,
+)
 from shared.transport.base import RemoteError, ServerUnavailable
 
 if TYPE_CHECKING:
@@ -61,7 +70,7 @@ class RolloutActor:
         return done.result()
 
 
-def settings_env(settings: "ServerSettings") -> dict[str, str]:
+def settings_env(settings: ServerSettings) -> dict[str, str]:
     """Env vars the actor's worker needs before vLLM is imported."""
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -71,7 +80,7 @@ def settings_env(settings: "ServerSettings") -> dict[str, str]:
 
 
 def start_rollout_actor(
-    settings: "ServerSettings",
+    settings: ServerSettings,
     name: str,
     num_cpus: float = 1,
     num_gpus: float = 0,
@@ -125,7 +134,7 @@ class RayClient:
 
     # ---- RolloutClient ----------------------------------------------------------------------
 
-    def submit(self, req: "GenerateRequest") -> str:
+    def submit(self, req: GenerateRequest) -> str:
         if req.request_id in self._pending:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self._pending[req.request_id] = self._send(req)
@@ -139,10 +148,10 @@ class RayClient:
         del self._pending[request_id]
         return _expect(reply, GenerateReply)
 
-    def generate(self, req: "GenerateRequest", timeout_s: float | None = None) -> GenerateReply:
+    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
 
-    def push_adapter(self, msg: "PushAdapter", timeout_s: float | None = None) -> PushReply:
+    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
         return _expect(self._wait(self._send(msg), timeout_s), PushReply)
 
     def status(self, timeout_s: float | None = None) -> Status:
@@ -154,7 +163,7 @@ class RayClient:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _send(self, body: "Request") -> Any:
+    def _send(self, body: Request) -> Any:
         import ray
 
         # ray.put sends the payload through the object store explicitly (not inlined in the call).
@@ -188,7 +197,9 @@ def _lookup(name: str, namespace: str, timeout_s: float) -> Any:
             return ray.get_actor(name, namespace=namespace)
         except ValueError:
             if time.monotonic() > deadline:
-                raise ServerUnavailable(f"ray://{name}: no such actor in namespace {namespace!r} after {timeout_s:g}s") from None
+                raise ServerUnavailable(
+                    f"ray://{name}: no such actor in namespace {namespace!r} after {timeout_s:g}s"
+                ) from None
             time.sleep(0.5)
 
 
@@ -212,6 +223,10 @@ def cause_line(e: BaseException) -> str:
         return lines[-1].strip() if lines else type(e).__name__
     i = headers[-1]
     text = lines[i].strip()
-    if i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t")) and not lines[i + 1].strip().startswith("For further"):
+    if (
+        i + 1 < len(lines)
+        and lines[i + 1].startswith((" ", "\t"))
+        and not lines[i + 1].strip().startswith("For further")
+    ):
         text += " " + lines[i + 1].strip()  # e.g. pydantic: "1 validation error for X" + the error itself
     return text if len(text) <= 500 else text[:497] + "..."

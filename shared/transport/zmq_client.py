@@ -41,8 +41,14 @@ _MiB = 1024 * 1024
 
 
 class ZmqClient:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0, max_message_mb: int | None = None,
-                 connect_grace_s: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 600.0,
+        max_message_mb: int | None = None,
+        connect_grace_s: float = 5.0,
+    ):
         self.url = url
         self.timeout_s = timeout_s
         # A call fails once no connection to the server has existed for this long: a dead server is
@@ -138,11 +144,15 @@ class ZmqClient:
             raise ServerUnavailable(self._lost)
         data = encode(Envelope(token=self._token, body=body))
         if len(data) > self.max_bytes:
-            raise RemoteError("too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}")
+            raise RemoteError(
+                "too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}"
+            )
         try:
             self._sock.send(data, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            raise ServerUnavailable(f"cannot queue a request for {self.url} (too many unsent; is the server up?)") from None
+            raise ServerUnavailable(
+                f"cannot queue a request for {self.url} (too many unsent; is the server up?)"
+            ) from None
 
     def _call(self, body: Any, timeout_s: float | None) -> Any:
         """A blocking request whose reply carries no id (push, status)."""
@@ -175,10 +185,14 @@ class ZmqClient:
                 self._receive()
             if self._mon in events and self._disconnected():
                 self._receive()  # replies that arrived before the drop are still good
-                self._reset(f"{self.url} closed the connection (server restarted or died, or a message exceeded its --max_message_mb)")
+                self._reset(
+                    f"{self.url} closed the connection (server restarted or died, or a message exceeded its --max_message_mb)"
+                )
                 break
             if self._down_since is not None and time.monotonic() - self._down_since > self.connect_grace_s:
-                self._reset(f"cannot reach {self.url}: not connected for {self.connect_grace_s:g} s (is the server running?)")
+                self._reset(
+                    f"cannot reach {self.url}: not connected for {self.connect_grace_s:g} s (is the server running?)"
+                )
                 break
 
     def _receive(self) -> None:
@@ -227,7 +241,7 @@ class ZmqClient:
             raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
         return reply
 
-    def __enter__(self) -> "ZmqClient":
+    def __enter__(self) -> ZmqClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
