@@ -365,6 +365,12 @@ class RolloutService:
             return 0.0  # the same adapter again (a learner re-pushing after a reconnect): a no-op
         if msg.version <= self.version:
             raise _VersionError(f"push version {msg.version} is not above the serving version {self.version}")
+        if msg.kind != "lora" or msg.lora is None:
+            from shared.adapters import AdapterError
+
+            raise AdapterError(
+                f"push kind {msg.kind!r} is not supported by this server (it takes LoRA adapters)"
+            )
         pairs = self.base.check(msg.adapter, msg.sha256, msg.lora, self.settings.max_lora_rank)
         if self.settings.sync_mode == "merged":
             self.engine.load_merged(self.base.merged(pairs, msg.lora))

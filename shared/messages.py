@@ -77,8 +77,12 @@ class PushAdapter(msgspec.Struct, tag="push_adapter", kw_only=True):
     version: int  # the policy version this adapter becomes; must be > the server's current one
     adapter: bytes  # safetensors bytes with PEFT names (…q_proj.lora_A.weight / lora_B.weight)
     sha256: str  # hex digest of `adapter`; checked before anything else
-    lora: LoraSpec  # how to scale and where to apply the adapter
+    lora: LoraSpec | None = None  # how to scale and where to apply the adapter; None when kind == "full"
     canary_ids: list[int] = []  # token ids to score after the reload; empty = skip the canary
+    # "lora": `adapter` holds lora_A/lora_B pairs, merged into the pristine base (or loaded as a vLLM LoRA).
+    # "full": `adapter` holds whole weight tensors under the HF model's own names (full fine-tuning);
+    # they replace those tensors of the pristine base as they are.
+    kind: str = "lora"
 
 
 class PushReply(msgspec.Struct, tag="pushed", kw_only=True):
@@ -107,6 +111,10 @@ class Status(msgspec.Struct, tag="status_reply", kw_only=True):
     dtype: str  # serving dtype
     max_lora_rank: int  # the largest adapter rank the server accepts
     uptime_s: float  # seconds since the server started
+    # sha256 over the served base model's config.json and tokenizer files, so a learner can refuse a
+    # server that runs another model before it pushes anything; "" from a server that cannot tell.
+    model_fingerprint: str = ""
+    role: str = "student"  # "student" (samples, takes pushes) or "teacher" (scores, refuses pushes)
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
