@@ -2,7 +2,10 @@
 
 Rows: training rows carry `loss` (plus policy_version, lr, on_policy_fraction, staleness,
 seconds_per_step, tokens_per_s, ...); evaluation rows carry `eval/...` figures; a few event rows
-carry `event` ("start": data counts such as overlong_prompts; "reconnect": a server outage).
+carry `event` ("start": data counts such as overlong_prompts; "reconnect": a server outage;
+"replica_lost" / "replica_rejoined": one of several rollout replicas dropped out or came back).
+With several replicas, training rows also carry `replicas`: per replica its state, policy_version,
+queue_depth, tokens_per_s, outstanding sequences and replies served.
 
 On resume, lines of the interrupted run past the checkpoint's step are dropped first, so the file
 reads as one run: every step at most once, in order.

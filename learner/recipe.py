@@ -291,11 +291,28 @@ class GKDRecipe:
         if self.rollouts is not None:
             self.rollouts.resubmit(served)
         if self.metrics is not None:
+            self._log_replica_events()
             self.metrics.log(
                 self.state.step,
                 {"event": "reconnect", "policy_version": served, **self.reconnector.outages[-1]},
             )
         return served
+
+    def _log_replica_events(self) -> None:
+        """replica_lost / replica_rejoined events of a replica set, into metrics.jsonl (rank 0)."""
+        take = getattr(self.client, "take_events", None)
+        for event in take() if take is not None else []:
+            if self.metrics is not None:
+                self.metrics.log(self.state.step, {**event, "policy_version": self.state.policy_version})
+
+    def _replica_postfix(self) -> dict[str, str]:
+        """Per replica, for the progress bar and the log line: version, queue depth, tokens/s."""
+        return {
+            f"r{i}": "lost"
+            if f["state"] != "serving"
+            else f"v{f['policy_version']} q{f['queue_depth']} {f['tokens_per_s'] or 0:.0f}tok/s"
+            for i, f in enumerate(getattr(self, "replicas", []))
+        }
 
     def _rollouts_lost_server(self, why: str) -> int:
         self.state.policy_version = self._server_lost(why, self.state.policy_version)
@@ -322,6 +339,7 @@ class GKDRecipe:
                 st.micro_batches + t.gradient_accumulation_steps,
             )
             self.sync_if_due()
+            self._log_replica_events()
             window.losses.append(loss)
             window.tokens, window.seconds, window.steps = (
                 window.tokens + tokens,
@@ -337,7 +355,7 @@ class GKDRecipe:
             if st.step % t.save_steps == 0 or st.step == self.total_steps:
                 self.save_checkpoint()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", v=st.policy_version)
+            bar.set_postfix(loss=f"{loss:.4f}", v=st.policy_version, **self._replica_postfix())
         bar.close()
 
     def optimizer_step(self) -> tuple[float, int, float]:
@@ -434,11 +452,14 @@ class GKDRecipe:
         push = getattr(self, "last_push", None)
         if push is not None:
             row.update(reload_s=push.reload_s, push_s=push.push_s, canary_max_abs=push.canary_max_abs)
+        figures = getattr(self.client, "replica_figures", None)  # a replica set (several --rollout_url)
+        if figures is not None and self.dist.is_main:
+            self.replicas = row["replicas"] = figures()
         self.last.update(row)
         if self.dist.is_main:
             self.metrics.log(self.state.step, row)
             log.info(
-                "step %d/%d loss %.4f v%d on-policy %.2f staleness %s %.2fs/step",
+                "step %d/%d loss %.4f v%d on-policy %.2f staleness %s %.2fs/step%s",
                 self.state.step,
                 self.total_steps,
                 loss,
@@ -446,6 +467,7 @@ class GKDRecipe:
                 row["on_policy_fraction"],
                 row["staleness"],
                 row["seconds_per_step"],
+                "".join(f" | {k} {v}" for k, v in self._replica_postfix().items()),
             )
 
     def evaluate(self) -> dict[str, float]:
@@ -585,6 +607,8 @@ class GKDRecipe:
         )
 
     def cleanup(self) -> None:
+        if self.client is not None:
+            self._log_replica_events()
         if getattr(self, "_bar", None) is not None:
             self._bar.close()  # now, not at exit: the CLI's one-line error must be the last thing on stderr
         if self.rollouts is not None:

@@ -92,14 +92,20 @@ def push_adapter(
     dtype: torch.dtype,
     timeout_s: float | None = None,
 ) -> PushResult:
-    """Push the student's adapter as `version` and check the server's canary against ours."""
+    """Push the student's adapter as `version` and check the server's canary against ours (every
+    replica's, when the client is a replica set; it checks rejoining replicas with the same check)."""
     t0 = time.perf_counter()
     data = pack(adapter_tensors(student))
     msg = PushAdapter(version=version, adapter=data, sha256=sha256_hex(data), lora=lora, canary_ids=canary)
-    reply = client.push_adapter(msg, timeout_s=timeout_s)
-    ours = token_logprobs(student, canary, device)
-    mean, mx = compare(ours, list(reply.canary_logprobs), dtype, reply.serving_dtype)
-    return PushResult(reply.version, reply.reload_s, time.perf_counter() - t0, mx, mean)
+    ours = token_logprobs(student, canary, device)  # the weights being pushed: the same before or after
+    worst = [0.0, 0.0]  # (mean, max) |Δ| over the replicas checked
+
+    def verify(reply) -> None:
+        mean, mx = compare(ours, list(reply.canary_logprobs), dtype, reply.serving_dtype)
+        worst[:] = [max(worst[0], mean), max(worst[1], mx)]
+
+    reply = client.push_adapter(msg, timeout_s=timeout_s, verify=verify)
+    return PushResult(reply.version, reply.reload_s, time.perf_counter() - t0, worst[1], worst[0])
 
 
 def wait_for_server(client, url: str, deadline_s: float):

@@ -90,6 +90,7 @@ class RolloutService:
         self.last_reload_s = 0.0
         self._started = time.monotonic()
         self._recent: deque[tuple[float, int, float]] = deque()  # (end time, tokens, engine seconds)
+        self.served_requests = self.served_sequences = 0  # Status counters: replies with completions
         self._cv = threading.Condition()
         self._queue: deque[_Work] = deque()
         self._waiting: list[_Work] = []  # generate requests whose min_version is not serving yet
@@ -185,6 +186,8 @@ class RolloutService:
             dtype=self.engine.dtype_name,
             max_lora_rank=self.settings.max_lora_rank,
             uptime_s=now - self._started,
+            served_requests=self.served_requests,
+            served_sequences=self.served_sequences,
         )
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -313,6 +316,8 @@ class RolloutService:
             self._recent.append((time.monotonic(), sum(len(c.token_ids) for c in comps), dt))
             while self._recent and self._recent[0][0] < time.monotonic() - _STATS_WINDOW_S:
                 self._recent.popleft()
+            self.served_requests += len(batch)
+            self.served_sequences += len(comps)
         it = iter(comps)
         for w in batch:
             mine: list[Completion] = [next(it) for _ in w.body.prompts]

@@ -175,7 +175,7 @@ HELP: dict[str, str] = {
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
     "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
-    "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name> (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
+    "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
     "max_staleness": "Never train on rollouts more than N policy versions old.",
@@ -274,14 +274,21 @@ def validate(cfg: Config) -> list[str]:
         "set (the teacher model)",
     )
     need(bool(d.dataset_name), "dataset_name", d.dataset_name, "set (a hub dataset or a local file)")
-    if r.rollout_url is not None and not r.rollout_url.startswith(("tcp://", "ray://", "inproc://")):
-        errs.append(f"rollout_url={r.rollout_url!r} is invalid: must start with tcp://, ray:// or inproc://")
+    urls = [u.strip() for u in (r.rollout_url or "").split(",")] if r.rollout_url is not None else []
+    if any(not u.startswith(("tcp://", "ray://", "inproc://")) for u in urls):
+        errs.append(
+            f"rollout_url={r.rollout_url!r} is invalid: each URL (comma-separated for replicas) must start with tcp://, ray:// or inproc://"
+        )
+    elif len(urls) > 1 and (len(set(urls)) != len(urls) or any(u.startswith("inproc://") for u in urls)):
+        errs.append(
+            f"rollout_url={r.rollout_url!r} is invalid: a replica list holds distinct tcp:// or ray:// URLs"
+        )
     for field in ("device", "teacher_device"):
         dev = getattr(m, field)
         if dev is not None and not _valid_device(dev):
             errs.append(f"{field}={dev!r} is invalid: must be auto, cpu, cuda or cuda:N")
     scheme = {"zmq": "tcp://", "ray": "ray://", "inproc": "inproc://"}.get(r.transport)
-    if scheme and r.rollout_url is not None and not r.rollout_url.startswith(scheme):
+    if scheme and any(not u.startswith(scheme) for u in urls):
         errs.append(
             f"transport={r.transport!r} does not match rollout_url={r.rollout_url!r}: a {r.transport} URL starts with {scheme}"
         )

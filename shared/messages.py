@@ -115,6 +115,8 @@ class Status(msgspec.Struct, tag="status_reply", kw_only=True):
     # server that runs another model before it pushes anything; "" from a server that cannot tell.
     model_fingerprint: str = ""
     role: str = "student"  # "student" (samples, takes pushes) or "teacher" (scores, refuses pushes)
+    served_requests: int = 0  # generate requests answered with completions since the server started
+    served_sequences: int = 0  # completions (one per prompt) in those replies
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

@@ -6,6 +6,9 @@
 - ``ray://<actor>``     a named Ray actor; payloads travel through the object store;
 - ``inproc://``         the service object in this process (tests, the Ray actor's own side).
 
+A comma-separated list of tcp:// or ray:// URLs is a replica set (shared.transport.replicas): one
+client over several servers, with routing, push fan-out and lost/rejoined replicas.
+
 All three move the same msgspec/msgpack bytes (shared.messages), so nothing on the network path is
 ever unpickled.
 """
@@ -16,11 +19,24 @@ from typing import Any
 
 from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable
 
-__all__ = ["RemoteError", "RolloutClient", "ServerUnavailable", "connect"]
+__all__ = ["RemoteError", "RolloutClient", "ServerUnavailable", "connect", "split_urls"]
+
+
+def split_urls(url: str) -> list[str]:
+    """The URLs of a rollout_url: one, or a comma-separated list of replicas."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 def connect(url: str, *, token: str | None = None, timeout_s: float = 600.0, **kw: Any) -> RolloutClient:
-    """Return a RolloutClient for `url`. Imports only the transport it needs."""
+    """Return a RolloutClient for `url` (or for a comma-separated list of them). Imports only the
+    transport it needs."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        from shared.transport.replicas import ReplicaSet
+
+        if any(u.startswith("inproc://") for u in urls):
+            raise ValueError(f"rollout_url={url!r}: inproc:// cannot be part of a replica list")
+        return ReplicaSet(urls, lambda u: connect(u, token=token, timeout_s=timeout_s, **kw))
     if url.startswith("tcp://"):
         from shared.transport.zmq_client import ZmqClient
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from shared.messages import GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
@@ -39,8 +40,16 @@ class RolloutClient(Protocol):
         """submit + result."""
         ...
 
-    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
-        """Push an adapter; returns once the server serves it (and scored the canary)."""
+    def push_adapter(
+        self,
+        msg: PushAdapter,
+        timeout_s: float | None = None,
+        verify: Callable[[PushReply], None] | None = None,
+    ) -> PushReply:
+        """Push an adapter; returns once the server serves it (and scored the canary).
+
+        `verify(reply)` is called on the reply (for a replica set: on every replica's, and again
+        when a replica rejoins); it raises to refuse it, e.g. on a canary mismatch."""
         ...
 
     def status(self, timeout_s: float | None = None) -> Status: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from shared.messages import (
@@ -71,10 +72,18 @@ class InprocClient:
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
 
-    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
+    def push_adapter(
+        self,
+        msg: PushAdapter,
+        timeout_s: float | None = None,
+        verify: Callable[[PushReply], None] | None = None,
+    ) -> PushReply:
         key = "push-" + uuid.uuid4().hex
         self._send(msg, key)
-        return self._expect(self._wait(key, timeout_s), PushReply)
+        reply = self._expect(self._wait(key, timeout_s), PushReply)
+        if verify is not None:
+            verify(reply)
+        return reply
 
     def status(self, timeout_s: float | None = None) -> Status:
         key = "status-" + uuid.uuid4().hex

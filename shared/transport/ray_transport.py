@@ -18,6 +18,7 @@ import concurrent.futures
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -26,6 +27,7 @@ from shared.messages import (
     Envelope,
     ErrorReply,
     GenerateReply,
+    PushAdapter,
     PushReply,
     Status,
     StatusRequest,
@@ -36,7 +38,7 @@ from shared.transport.base import RemoteError, ServerUnavailable
 
 if TYPE_CHECKING:
     from rollout_server.settings import ServerSettings
-    from shared.messages import GenerateRequest, PushAdapter, Request
+    from shared.messages import GenerateRequest, Request
 
 # Named actors live in a namespace; a fixed one lets any driver on the cluster find the server
 # (a job's default namespace is anonymous and private to that job).
@@ -151,8 +153,25 @@ class RayClient:
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
 
-    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
-        return _expect(self._wait(self._send(msg), timeout_s), PushReply)
+    def push_adapter(
+        self,
+        msg: PushAdapter | Any,
+        timeout_s: float | None = None,
+        verify: Callable[[PushReply], None] | None = None,
+    ) -> PushReply:
+        """`msg` may also be what `share` returned: the same object-store copy for every actor."""
+        ref = self._send(msg) if isinstance(msg, PushAdapter) else self._actor.call.remote(msg)
+        reply = _expect(self._wait(ref, timeout_s), PushReply)
+        if verify is not None:
+            verify(reply)
+        return reply
+
+    def share(self, msg: PushAdapter) -> Any:
+        """Put the encoded push in the object store once; any RayClient of the same token can push
+        it (a replica set fans one adapter out to N actors without N copies through the driver)."""
+        import ray
+
+        return ray.put(encode(Envelope(token=self._token, body=msg)))
 
     def status(self, timeout_s: float | None = None) -> Status:
         return _expect(self._wait(self._send(StatusRequest()), timeout_s), Status)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -91,8 +92,16 @@ class ZmqClient:
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
 
-    def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
-        return self._expect(self._call(msg, timeout_s), PushReply)
+    def push_adapter(
+        self,
+        msg: PushAdapter,
+        timeout_s: float | None = None,
+        verify: Callable[[PushReply], None] | None = None,
+    ) -> PushReply:
+        reply = self._expect(self._call(msg, timeout_s), PushReply)
+        if verify is not None:
+            verify(reply)
+        return reply
 
     def status(self, timeout_s: float | None = None) -> Status:
         return self._expect(self._call(StatusRequest(), timeout_s), Status)
