@@ -303,7 +303,7 @@ class GKDRecipe:
         take = getattr(self.client, "take_events", None)
         for event in take() if take is not None else []:
             if self.metrics is not None:
-                self.metrics.log(self.state.step, {**event, "policy_version": self.state.policy_version})
+                self.metrics.log(self.state.step, {"policy_version": self.state.policy_version, **event})
 
     def _replica_postfix(self) -> dict[str, str]:
         """Per replica, for the progress bar and the log line: version, queue depth, tokens/s."""
