@@ -79,7 +79,8 @@ class RolloutService:
         self.teacher = settings.role == "teacher"
         self.max_bytes = settings.max_message_mb * _MiB
         self._token = settings.token.encode() if settings.token else None
-        self.tokenizer_fingerprint = tokenizer_fingerprint(engine.tokenizer)
+        tok = getattr(engine, "tokenizer", None)  # "" (cannot tell) for an engine without one
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tok) if tok is not None else ""
         if self.teacher:
             self.base = None  # a teacher never takes pushes: no pristine copy of its weights
         else:
