@@ -36,7 +36,15 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
+from shared.messages import (
+    GenerateReply,
+    GenerateRequest,
+    PushAdapter,
+    PushReply,
+    ScoreReply,
+    ScoreRequest,
+    Status,
+)
 from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable
 
 log = logging.getLogger("gkd.transport")
@@ -64,9 +72,9 @@ class _Pending:
     inner: str = ""  # the id it has on that replica (unique per placement)
 
 
-def work_of(req: Any) -> int:
-    """Outstanding work a request adds: its sequences (prompts), at least 1."""
-    return max(1, len(getattr(req, "prompts", ())))
+def work_of(req: GenerateRequest | ScoreRequest) -> int:
+    """Outstanding work a request adds: its sequences (prompts to sample, or to score), at least 1."""
+    return max(1, len(req.prompts if isinstance(req, GenerateRequest) else req.sequences))
 
 
 def _is_loss(e: BaseException) -> bool:
@@ -102,7 +110,7 @@ class ReplicaSet:
 
     # ---- the RolloutClient interface ------------------------------------------------------
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         with self._lock:
             self._check()
             if not req.request_id:
@@ -114,6 +122,21 @@ class ReplicaSet:
             return req.request_id
 
     def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+        return self._collect(request_id, timeout_s)
+
+    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
+        return self.result(self.submit(req), timeout_s)
+
+    # Teacher servers (`score` requests) are routed and failed over the same way.
+    submit_score = submit
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return self._collect(request_id, timeout_s)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
+
+    def _collect(self, request_id: str, timeout_s: float | None) -> Any:
         p = self._pending.get(request_id)
         if p is None:
             raise KeyError(f"unknown request id {request_id!r}")
@@ -127,7 +150,10 @@ class ReplicaSet:
                     raise ServerUnavailable(self._all_gone())
                 r, inner = p.replica, p.inner
             try:
-                reply = r.client.result(inner, timeout_s)
+                if isinstance(p.req, ScoreRequest):
+                    reply = r.client.score_result(inner, timeout_s)
+                else:
+                    reply = r.client.result(inner, timeout_s)
             except Exception as e:
                 with self._lock:
                     if not _is_loss(e):
@@ -137,11 +163,10 @@ class ReplicaSet:
                 continue
             with self._lock:
                 self._forget(request_id, p)
-                r.version, r.served = max(r.version, reply.policy_version), r.served + 1
+                r.served += 1
+                if isinstance(reply, GenerateReply):
+                    r.version = max(r.version, reply.policy_version)
             return msgspec.structs.replace(reply, request_id=request_id)
-
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
 
     def push_adapter(
         self,
@@ -200,7 +225,7 @@ class ReplicaSet:
         for c in clients:
             c.close()
 
-    # ---- beyond one client: figures, events, other request kinds ---------------------------
+    # ---- beyond one client: per-replica figures and events ------------------------------------
 
     def replica_figures(self, timeout_s: float | None = 10.0) -> list[dict[str, Any]]:
         """Per replica: state, version, queue depth, tokens/s (a fresh status of those serving)."""
@@ -224,29 +249,6 @@ class ReplicaSet:
         with self._lock:
             events, self._events = self._events, []
             return events
-
-    def call(self, fn: Callable[[Any], Any], work: int = 1) -> Any:
-        """Run a blocking request `fn(client)` of any kind on the least-loaded replica, counting
-        `work` as outstanding meanwhile; on a lost replica, again on another one."""
-        while True:
-            with self._lock:
-                self._check()
-                r = self._pick()
-                if r is None:
-                    raise ServerUnavailable(self._all_gone())
-                r.outstanding += work
-            try:
-                out = fn(r.client)
-            except Exception as e:
-                with self._lock:
-                    r.outstanding -= work
-                    if not _is_loss(e):
-                        raise
-                    self._lose(r, str(e))
-                continue
-            with self._lock:
-                r.outstanding, r.served = r.outstanding - work, r.served + 1
-            return out
 
     # ---- internals (call with the lock held) ------------------------------------------------
 
