@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if not st.healthy:
         print(f"unhealthy: server at {args.url} reports healthy=false", file=sys.stderr)
         return 1
-    print(f"healthy: {args.url} serves {st.model} v{st.policy_version} ({st.dtype}, {st.sync_mode})")
+    print(
+        f"healthy: {args.url} serves {st.model} v{st.policy_version} ({st.dtype}, {st.sync_mode}); "
+        f"served {st.served_requests} requests, {st.served_sequences} sequences"
+    )
     return 0
 
 

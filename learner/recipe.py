@@ -467,7 +467,7 @@ class GKDRecipe:
                 row["on_policy_fraction"],
                 row["staleness"],
                 row["seconds_per_step"],
-                "".join(f" | {k} {v}" for k, v in self._replica_postfix().items()),
+                "".join(f" {k}={v}" for k, v in self._replica_postfix().items()),
             )
 
     def evaluate(self) -> dict[str, float]:

@@ -172,3 +172,59 @@ def test_healthcheck_reports_unhealthy_when_nothing_listens(capsys):
         port = s.getsockname()[1]
     assert healthcheck.main(["--url", f"tcp://127.0.0.1:{port}", "--token", "t", "--timeout_s", "1"]) == 1
     assert capsys.readouterr().err.startswith("unhealthy:")
+
+
+# ---------------------------------------------------------------- deploy/compose.4gpu.yaml: two replicas, a 2-rank learner
+
+
+@pytest.fixture(scope="module")
+def compose_4gpu() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.4gpu.yaml").read_text())
+
+
+def _gpus(svc: dict) -> list[str]:
+    return [i for d in svc["deploy"]["resources"]["reservations"]["devices"] for i in d["device_ids"]]
+
+
+def test_4gpu_compose_validates_and_splits_the_gpus(compose_4gpu):
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(compose_4gpu)
+    ]
+    assert not errors, "\n".join(errors)
+    services = interpolate(compose_4gpu, ENV)["services"]
+    rollouts = sorted(n for n in services if n.startswith("rollout"))
+    assert rollouts == ["rollout-0", "rollout-1"]
+    assert [_gpus(services[n]) for n in rollouts] == [["0"], ["1"]]
+    assert _gpus(services["learner"]) == ["2", "3"]
+    for name in rollouts:
+        assert "deploy.healthcheck" in services[name]["healthcheck"]["test"], name
+        assert services["learner"]["depends_on"][name]["condition"] == "service_healthy", name
+    host_ports = [p.split(":")[0] for n in rollouts for p in services[n]["ports"]]
+    assert len(set(host_ports)) == len(host_ports), "two replicas cannot publish the same host port"
+    with pytest.raises(KeyError, match="GKD_TOKEN"):
+        interpolate(compose_4gpu, {})
+
+
+def test_4gpu_learner_runs_one_rank_per_gpu_against_both_replicas(compose_4gpu, monkeypatch):
+    from torch.distributed.run import get_args_parser
+
+    from rollout_server.cli import parse_settings
+    from shared.config import parse_args
+
+    services = interpolate(compose_4gpu, ENV)["services"]
+    cmd = services["learner"]["command"]
+    assert cmd[0] == "torchrun"
+    split = cmd.index("gkd-learner")
+    run = get_args_parser().parse_args([*cmd[1:split], "unused"])  # torchrun's own parser
+    assert run.no_python and int(run.nproc_per_node) == len(_gpus(services["learner"]))
+    monkeypatch.setenv("GKD_TOKEN", ENV["GKD_TOKEN"])
+    cfg, _ = parse_args(cmd[split + 1 :])
+    urls = []
+    for name in ("rollout-0", "rollout-1"):
+        settings, _ = parse_settings(services[name]["command"][1:])
+        assert settings.host == "0.0.0.0" and settings.model == cfg.model.model_name_or_path, name
+        urls.append(f"tcp://{name}:{settings.port}")
+    assert cfg.rollout.rollout_url == ",".join(urls)
+    assert cfg.rollout.token == ENV["GKD_TOKEN"] and cfg.train.output_dir.startswith("/outputs/")
+    with pytest.raises(SystemExit):  # the parser really rejects a wrong flag
+        parse_args([*cmd[split + 1 :], "--no_such_flag", "1"])

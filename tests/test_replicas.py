@@ -174,3 +174,36 @@ def test_connect_builds_a_replica_set_from_a_comma_separated_url():
     assert errors("tcp://a:1,tcp://b:1") == []
     assert errors("ray://r0,ray://r1") == []
     assert errors("tcp://a:1,http://b:1") and errors("tcp://a:1,tcp://a:1") and errors("tcp://a:1,")
+
+
+def test_a_replica_behind_gets_only_what_it_can_serve_until_a_push_brings_it_up(fleet, make_adapter):
+    f = fleet("a", "b")
+    adapter = make_adapter(r=4, seed=0)
+    f.client("a").push_adapter(adapter.push(1))  # b was restarted while the learner was away
+    rs = ReplicaSet(["a", "b"], f.client)
+    assert rs.status().policy_version == 1  # the newest in rotation
+    replies = [rs.generate(request(f"r{i}", min_version=1)) for i in range(4)]
+    assert {r.policy_version for r in replies} == {1} and not f.engines["b"].calls  # b would park them
+    rs.push_adapter(adapter.push(2))
+    assert [svc.status().policy_version for svc in f.services.values()] == [2, 2]
+    for i in range(4):
+        rs.generate(request(f"s{i}", min_version=2))
+    assert f.engines["b"].calls  # in rotation again
+
+
+def test_a_set_that_never_pushes_keeps_up_with_versions_pushed_by_another(fleet, make_adapter):
+    """Learner ranks > 0: rank 0's set pushes, the others only sample, and must use every replica."""
+    f = fleet("a", "b")
+    rank0 = ReplicaSet(["a", "b"], f.client)
+    rank1 = ReplicaSet(["a", "b"], f.client, refresh_s=0.0)
+    adapter = make_adapter(r=4, seed=0)
+    rank0.push_adapter(adapter.push(1))
+    for i in range(2):
+        rank1.generate(request(f"r{i}", n=1, min_version=1))  # rank 1 has seen both serve version 1
+    rank0.push_adapter(adapter.push(2))
+    assert rank1.generate(request("first", n=1, min_version=2)).policy_version == 2  # one of them at 2
+    before = {n: len(e.calls) for n, e in f.engines.items()}
+    ids = [rank1.submit(request(f"s{i}", n=1, min_version=2)) for i in range(4)]
+    assert {rank1.result(r).policy_version for r in ids} == {2}
+    assert all(len(e.calls) > before[n] for n, e in f.engines.items())  # the other was asked again
+    assert [x["policy_version"] for x in rank1.replica_figures()] == [2, 2]

@@ -4,8 +4,9 @@
 uses it exactly like one client.
 
 - Routing: a request goes to the replica with the least outstanding work (sequences: one per
-  prompt) among the replicas in rotation at the newest policy version; ties go to the one that has
-  served fewer requests. Replies carry the version of the replica that served them.
+  prompt or scored sequence) among the replicas in rotation that already serve its min_version
+  (all of them when none does yet: the request waits there for the next push); ties go to the one
+  that has served fewer requests. Replies carry the version of the replica that served them.
 - Pushes fan out, in parallel, to every replica in rotation; `push_adapter` returns once all of them
   serve the version, each reply checked by the caller's `verify` (the canary). A verify or refusal
   error on any replica is raised as it is; a replica that drops during the push is lost instead.
@@ -15,8 +16,10 @@ uses it exactly like one client.
   (the same verify) and rejoins the rotation (`replica_rejoined`). While no replica is in rotation
   every call raises ServerUnavailable, so the caller's own reconnect deadline applies; `status` then
   waits (up to its timeout) for a replica to rejoin.
-- A replica behind the newest version (one that answered before any push of this session, e.g. on
-  resume) gets no requests until the next push brings it up.
+- A replica behind the others (one that answered before any push of this session, e.g. on resume)
+  gets no request it cannot serve at once until a push brings it up. A replica's version is known
+  from pushes, replies and status; one that looks behind is asked its status again (at most every
+  REFRESH_S), which keeps the view current on learner ranks that never push.
 
 Threads: the caller's thread makes every call, as with one client; a push uses one thread per
 replica and a prober one thread per lost replica. A replica's client is used by one thread at a
@@ -51,6 +54,7 @@ log = logging.getLogger("gkd.transport")
 
 SERVING, LOST = "serving", "lost"
 PROBE_S = 1.0  # seconds between a prober's attempts (and the timeout of each status probe, x2)
+REFRESH_S = 2.0  # a replica that looks behind a request's min_version is re-asked its status this often
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Replica:
     outstanding: int = 0  # sequences submitted to it and not yet collected
     served: int = 0  # replies collected from it by this set
     last: Status | None = None  # its last status
+    seen: float = 0.0  # monotonic time `version` was last learned from a status
 
 
 @dataclass
@@ -88,11 +93,12 @@ class ReplicaSet:
         make_client: Callable[[str], RolloutClient],
         *,
         probe_s: float = PROBE_S,
+        refresh_s: float = REFRESH_S,
     ):
         if len(set(urls)) != len(urls):
             raise ValueError(f"rollout_url lists a replica twice: {','.join(urls)}")
         self.urls = list(urls)
-        self._make, self._probe_s = make_client, probe_s
+        self._make, self._probe_s, self._refresh_s = make_client, probe_s, refresh_s
         self._lock = threading.RLock()
         self._joined = threading.Condition(self._lock)
         self._replicas = [Replica(u, state=SERVING) for u in urls]
@@ -255,17 +261,34 @@ class ReplicaSet:
     def _serving(self) -> list[Replica]:
         return [r for r in self._replicas if r.state == SERVING]
 
-    def _pick(self) -> Replica | None:
+    def _pick(self, min_version: int = 0) -> Replica | None:
         serving = self._serving()
+        behind = [
+            r for r in serving if r.version < min_version and time.monotonic() - r.seen >= self._refresh_s
+        ]
+        if behind:
+            self._refresh(behind)
+            serving = self._serving()
         if not serving:
             return None
-        newest = max(r.version for r in serving)
-        return min((r for r in serving if r.version == newest), key=lambda r: (r.outstanding, r.served))
+        ready = [r for r in serving if r.version >= min_version] or serving
+        return min(ready, key=lambda r: (r.outstanding, r.served))
+
+    def _refresh(self, replicas: list[Replica]) -> None:
+        for r in replicas:
+            try:
+                st = r.client.status(10.0)
+            except Exception as e:
+                if not _is_loss(e):
+                    raise
+                self._lose(r, str(e))
+                continue
+            r.last, r.version, r.seen = st, st.policy_version, time.monotonic()
 
     def _place(self, p: _Pending) -> None:
         """Submit `p` to the best replica (p.replica stays None when there is none)."""
         while True:
-            r = self._pick()
+            r = self._pick(getattr(p.req, "min_version", 0))
             if r is None:
                 p.replica = None
                 return
@@ -347,7 +370,7 @@ class ReplicaSet:
                 out.append((r, None))
                 continue
             with self._lock:
-                r.last, r.version = st, st.policy_version
+                r.last, r.version, r.seen = st, st.policy_version, time.monotonic()
             out.append((r, st))
         return out
 
@@ -373,6 +396,7 @@ class ReplicaSet:
                         if self._closed:
                             break
                         r.client, r.state, r.version, r.last, client = client, SERVING, version, st, None
+                        r.seen = time.monotonic()
                         self._events.append(
                             {"event": "replica_rejoined", "replica": r.url, "policy_version": version}
                         )
