@@ -117,10 +117,14 @@ class Status(msgspec.Struct, tag="status_reply", kw_only=True):
     role: str = "student"  # "student" (samples, takes pushes) or "teacher" (scores, refuses pushes)
 
 
+# ErrorReply.code of a server whose port is up while its engine still starts; clients retry.
+STARTING = "starting"
+
+
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
     """A request failed; the server keeps running."""
 
-    code: str  # short machine-readable kind: bad_request, unauthorized, checksum, invalid_adapter, too_large, internal
+    code: str  # short machine-readable kind: bad_request, unauthorized, checksum, invalid_adapter, too_large, internal, starting
     message: str  # one human-readable line saying what was wrong and what to do
     request_id: str = ""  # the failing request's id, when it had one
 

@@ -1,6 +1,7 @@
 """The Ray transport: the rollout service as a named Ray actor, bytes in and bytes out.
 
-`RolloutActor` builds the vLLM engine and the RolloutService inside the actor (in-process vLLM) and
+`RolloutActor` builds the vLLM engine and the RolloutService inside the actor (vLLM's engine core runs
+in a process of its own, started by the actor) and
 exposes one method, `call(data: bytes) -> bytes`: an encoded Envelope in, an encoded Reply out. Only
 msgpack bytes cross the actor boundary (the settings too), so nothing of ours is ever pickled; Ray
 moves payloads over ~100 KB (adapters, rollout batches) through its object store.
@@ -51,17 +52,14 @@ class RolloutActor:
     """The rollout server inside a Ray actor (wrapped with `ray.remote` by `start_rollout_actor`)."""
 
     def __init__(self, settings_msgpack: bytes):
-        # The engine must be in-process: Ray already isolates the actor in its own worker process,
-        # and merged weights then reach the model by reference (measured-facts.md).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from rollout_server.cli import check
-        from rollout_server.engine import VllmEngine
+        from rollout_server.engine import AsyncEngine
         from rollout_server.service import RolloutService
         from rollout_server.settings import ServerSettings
 
         # The server CLI's own checks; a hub id is fetched here, on the actor's node.
         settings = check(msgspec.msgpack.decode(settings_msgpack, type=ServerSettings))
-        self._service = RolloutService(VllmEngine(settings), settings)
+        self._service = RolloutService(AsyncEngine(settings), settings)
 
     def call(self, data: bytes) -> bytes:
         """One encoded Envelope in, its encoded Reply out (the service answers exactly once)."""
@@ -73,7 +71,6 @@ class RolloutActor:
 def settings_env(settings: ServerSettings) -> dict[str, str]:
     """Env vars the actor's worker needs before vLLM is imported."""
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(settings.kv_cache_gb))),
         "TOKENIZERS_PARALLELISM": "false",
     }

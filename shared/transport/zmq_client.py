@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    STARTING,
     Envelope,
     ErrorReply,
     GenerateReply,
@@ -235,6 +236,9 @@ class ZmqClient:
             self._lost = None  # this caller hears of the drop
         if isinstance(reply, BaseException):
             raise reply
+        if isinstance(reply, ErrorReply) and reply.code == STARTING:
+            # The port answers while the engine starts: the same as no server yet, so callers retry.
+            raise ServerUnavailable(f"{self.url}: {reply.message}")
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
         if not isinstance(reply, kind):
