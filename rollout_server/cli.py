@@ -40,12 +40,13 @@ HELP = {
     "http_port": "Serve an OpenAI-compatible endpoint on this port (off by default).",
     "enforce_eager": "No CUDA graphs / torch.compile: faster start (default: on for CPU, off on GPU).",
     "tensor_parallel_size": "GPUs per engine (vLLM tensor parallelism).",
-    "max_logprobs": "Most logprobs per position a request may ask for.",
     "pristine_dtype": "dtype of each worker's pristine copy of the adaptable weights (merged mode).",
     "seed": "Engine seed.",
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "max_num_seqs": "Sequences decoded together per engine step.",
     "min_version_wait_s": "How long a request asking for a newer policy version waits for its push.",
+    "role": "student: sample the student and take adapter pushes; teacher: a frozen teacher that answers score requests and refuses pushes.",
+    "max_logprobs": "Largest top-k a score request may ask for (vLLM's max_logprobs).",
 }
 
 
@@ -103,11 +104,11 @@ def check(s: ServerSettings) -> ServerSettings:
     positive = {
         "max_model_len": 1 if s.max_model_len is None else s.max_model_len,
         "tensor_parallel_size": s.tensor_parallel_size,
-        "max_logprobs": s.max_logprobs,
         "kv_cache_gb": s.kv_cache_gb,
         "max_message_mb": s.max_message_mb,
         "max_num_seqs": s.max_num_seqs,
         "min_version_wait_s": s.min_version_wait_s,
+        "max_logprobs": s.max_logprobs,
     }
     for name, v in positive.items():
         if not v > 0:

@@ -163,6 +163,12 @@ class AsyncEngine:
         asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
 
     @property
+    def lora_request(self) -> Any:
+        """The LoRARequest serving the live student now (lora sync mode; None = base weights).
+        Other front ends on this engine (vLLM's OpenAI app) pass it to serve the same policy."""
+        return self._lora
+
+    @property
     def alive(self) -> bool:
         return self.client is not None and not self.client.errored
 
@@ -216,21 +222,26 @@ class AsyncEngine:
             prompt_id="", token_ids=toks, logprobs=lps, finish_reason=c.finish_reason or "length"
         )
 
-    async def score(self, token_ids: list[int]) -> list[float]:
-        """log p(ids[i] | ids[:i]) for i >= 1 under the serving weights (len(ids) - 1 values)."""
+    async def prompt_logprobs(self, token_ids: list[int], k: int) -> Any:
+        """vLLM's prompt logprobs of `token_ids`: per position None (the first) or {token id:
+        Logprob} with the top-k and the actual token. Raw model distribution at temperature 1."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if len(token_ids) < 2:
-            return []
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            prompt_logprobs=0,
+            prompt_logprobs=k,
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        plp = (await self._final(token_ids, params)).prompt_logprobs or []
+        return (await self._final(token_ids, params)).prompt_logprobs or []
+
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1 under the serving weights (len(ids) - 1 values)."""
+        if len(token_ids) < 2:
+            return []
+        plp = await self.prompt_logprobs(token_ids, 0)
         return [float(plp[i][token_ids[i]].logprob) for i in range(1, len(token_ids))]
 
     # ---- weight sync (on the loop) --------------------------------------------------------

@@ -42,6 +42,8 @@ from shared.messages import (
     PushAdapter,
     PushReply,
     Reply,
+    ScoreReply,
+    ScoreRequest,
     Status,
     StatusRequest,
     decode_request,
@@ -83,14 +85,19 @@ class RolloutService:
                 f"host={settings.host} is beyond loopback: a token is required (--token or GKD_TOKEN)"
             )
         from rollout_server.weights import AdapterCheck
+        from shared.vocab import tokenizer_fingerprint
 
         self.engine = engine
         self.loop: asyncio.AbstractEventLoop = engine.loop
         self.settings = settings
+        self.teacher = settings.role == "teacher"
         self.max_bytes = settings.max_message_mb * _MiB
         self._token = settings.token.encode() if settings.token else None
-        self.check = AdapterCheck(settings.model)
+        # A teacher never takes pushes: nothing to validate them against.
+        self.check = None if self.teacher else AdapterCheck(settings.model)
         self.fingerprint = model_fingerprint(settings.model)
+        tok = getattr(engine, "tokenizer", None)  # "" (cannot tell) for an engine without one
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tok) if tok is not None else ""
         # Test-only (the learner's policy-mismatch test): after each push and its canary, put the
         # previous weights back, so the server samples the old policy while it reports the new one.
         self._stale = os.environ.get(STALE_HOOK) == "1"
@@ -98,7 +105,7 @@ class RolloutService:
             if settings.sync_mode != "merged":
                 raise ValueError(f"{STALE_HOOK}=1 is implemented for --sync_mode merged only")
             log.warning("%s=1: pushes are reverted after their canary (test hook)", STALE_HOOK)
-        self._own_root = adapter_root is None and settings.sync_mode == "lora"
+        self._own_root = adapter_root is None and settings.sync_mode == "lora" and not self.teacher
         if self._own_root:
             adapter_root = tempfile.mkdtemp(prefix="gkd-adapters-")
         self._adapter_root = Path(adapter_root) if adapter_root else None
@@ -164,26 +171,56 @@ class RolloutService:
         self.submit(env.body, lambda r: reply(encode(r)))
 
     def submit(
-        self, body: GenerateRequest | PushAdapter | StatusRequest, reply: Callable[[Reply], None]
+        self,
+        body: GenerateRequest | PushAdapter | StatusRequest | ScoreRequest,
+        reply: Callable[[Reply], None],
     ) -> None:
         """Typed entry point (already authenticated): exactly one reply, possibly from another thread."""
         once = _Once(reply)
         if isinstance(body, StatusRequest):
             once(self.status())
             return
-        if self._closing:
-            once(_unavailable(getattr(body, "request_id", "")))
-            return
-        if isinstance(body, GenerateRequest):
-            problem = self._check_generate(body)
-            if problem:
-                once(ErrorReply(code="bad_request", message=problem, request_id=body.request_id))
-                return
+        rid = getattr(body, "request_id", "")
+        refusal = _unavailable(rid) if self._closing else self._refusal(body)
+        if refusal is not None:
+            once(refusal)
+        elif isinstance(body, GenerateRequest):
             with self._stats_lock:
                 self._pending += 1
-            self._spawn(self._generate(body, once), once, body.request_id)
+            self._spawn(self._generate(body, once), once, rid)
+        elif isinstance(body, ScoreRequest):
+            self._spawn(self._score(body, once), once, rid)
         else:
-            self._spawn(self._push(body, once), once, "")
+            self._spawn(self._push(body, once), once, rid)
+
+    def _refusal(self, body: Any) -> ErrorReply | None:
+        """The reply refusing `body` before it reaches the engine, or None to run it."""
+        rid = getattr(body, "request_id", "")
+        if isinstance(body, PushAdapter) and self.teacher:
+            return ErrorReply(
+                code="teacher_role",
+                message=f"this server serves the teacher {self.settings.model} (--role teacher) and takes no pushes; push to the student's rollout server",
+            )
+        if isinstance(body, ScoreRequest):
+            if not self.teacher:
+                return ErrorReply(
+                    code="not_teacher",
+                    message="this server serves the student (--role student); send score requests to a --role teacher server",
+                    request_id=rid,
+                )
+            from rollout_server.teacher import check_score
+
+            problem = check_score(
+                body,
+                vocab=self.engine.vocab_size,
+                max_logprobs=self.settings.max_logprobs,
+                max_model_len=self.engine.max_model_len,
+            )
+        elif isinstance(body, GenerateRequest):
+            problem = self._check_generate(body)
+        else:
+            problem = ""
+        return ErrorReply(code="bad_request", message=problem, request_id=rid) if problem else None
 
     def run_on_engine(
         self, fn: Callable[[Any], Awaitable[Any]], timeout_s: float | None = None
@@ -218,6 +255,8 @@ class RolloutService:
             max_lora_rank=self.settings.max_lora_rank,
             uptime_s=now - self._started,
             model_fingerprint=self.fingerprint,
+            role=self.settings.role,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -324,6 +363,28 @@ class RolloutService:
             with self._stats_lock:
                 self._pending -= 1
 
+    async def _score(self, req: ScoreRequest, reply: _Once) -> None:
+        from rollout_server.teacher import score
+
+        t0 = time.perf_counter()
+        try:
+            scores = await score(self.engine, req)
+            self.healthy = True
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the server
+            log.exception("score failed")
+            self.healthy = self.engine.alive
+            reply(ErrorReply(code="internal", message=f"scoring failed: {e}", request_id=req.request_id))
+            return
+        reply(
+            ScoreReply(
+                request_id=req.request_id,
+                scores=scores,
+                model=self.settings.model,
+                tokenizer_fingerprint=self.tokenizer_fingerprint,
+                score_s=time.perf_counter() - t0,
+            )
+        )
+
     async def _wait_version(self, version: int) -> bool:
         """Wait until `version` serves (True) or min_version_wait_s passes (False)."""
         async with self._cv:
@@ -383,13 +444,13 @@ class RolloutService:
                 raise AdapterError(
                     "a full push (whole tensors) needs a server started with --sync_mode merged"
                 )
-            await asyncio.to_thread(self.check.full, msg.adapter, msg.sha256)
+            await asyncio.to_thread(self._checker().full, msg.adapter, msg.sha256)
             payload = ("full", msg.adapter, 0.0)
         elif msg.kind == "lora" and msg.lora is not None:
             from shared.adapters import scale_of
 
             await asyncio.to_thread(
-                self.check.lora, msg.adapter, msg.sha256, msg.lora, self.settings.max_lora_rank
+                self._checker().lora, msg.adapter, msg.sha256, msg.lora, self.settings.max_lora_rank
             )
             payload = ("lora", msg.adapter, scale_of(msg.lora))
         else:
@@ -439,6 +500,10 @@ class RolloutService:
                 shutil.rmtree(d, ignore_errors=True)
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _checker(self) -> Any:
+        assert self.check is not None, "a teacher takes no pushes (refused in submit)"
+        return self.check
 
     def _check_generate(self, req: GenerateRequest) -> str:
         """A problem with a generate request, or ''. Checked before it reaches the engine."""

@@ -30,10 +30,13 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 64  # concurrent sequences per engine step
     min_version_wait_s: float = 300.0  # how long a request with min_version may wait for that push
     tensor_parallel_size: int = 1  # vLLM tensor parallelism (GPUs per engine)
-    max_logprobs: int = 20  # most logprobs per position a request may ask for (vLLM's max_logprobs)
     # dtype of each worker's pristine copy of the adaptable weights, which every merged push starts
     # from; float32 keeps W0 + s*B*A from rounding back to W0 (a bf16 copy would lose small deltas).
     pristine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "student": sample the student and take pushed adapters; "teacher": serve a frozen teacher that
+    # answers score requests (and generates), and refuses every push.
+    role: Literal["student", "teacher"] = "student"
+    max_logprobs: int = 128  # the largest top-k a score request may ask for (vLLM's max_logprobs)
 
     def needs_token(self) -> bool:
         return self.host not in ("127.0.0.1", "localhost", "::1")
