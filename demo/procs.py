@@ -42,7 +42,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> 
 
 def stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
     """Stop a child we started, and its process group. Safe to call twice."""
-    if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
+    if proc is None or proc.poll() is not None and not group_alive(proc.pid):
         return
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
@@ -51,12 +51,12 @@ def stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(proc.pid):
+            if proc.poll() is not None and not group_alive(proc.pid):
                 return
             time.sleep(0.2)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

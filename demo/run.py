@@ -172,7 +172,7 @@ def train_stage(root: Path, prep, config: Path, learner_out: Path, overrides: li
         learner = spawn(cmd, logs / "learner.log")
         monitor = ServerMonitor(server.url)
         monitor.start()
-        total = _config_steps(config, overrides)
+        total = config_steps(config, overrides)
         watch_learner(learner, learner_out, total, logs / "learner.log")
         timings["learner_s"] = time.perf_counter() - t_learn
         if learner.returncode != 0:
@@ -205,7 +205,7 @@ def _flag(args: list[str], name: str) -> str | None:
     return value
 
 
-def _config_steps(config: Path, overrides: list[str]) -> int:
+def config_steps(config: Path, overrides: list[str]) -> int:
     import yaml
 
     given = _flag(overrides, "--max_steps")

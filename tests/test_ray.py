@@ -258,10 +258,11 @@ def test_ray_transport_round_trip_and_errors(ray_cluster, tiny, make_adapter):
     """RayClient against a RolloutActor directly: generate, push, and every error mapped to ours."""
     import ray
 
+    from rollout_server.ray_actor import start_rollout_actor
     from rollout_server.settings import ServerSettings
     from shared.messages import GenerateRequest, Prompt, SamplingSpec
     from shared.transport import RemoteError, ServerUnavailable, connect
-    from shared.transport.ray_transport import NAMESPACE, start_rollout_actor
+    from shared.transport.ray_transport import NAMESPACE
 
     adapter = make_adapter()
     canary = [5, 6, 7, 8, 9, 10]

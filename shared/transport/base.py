@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared.messages import GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
+from shared.messages import ErrorReply, GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
 
 
 class RemoteError(RuntimeError):
@@ -18,6 +18,18 @@ class RemoteError(RuntimeError):
 
 class ServerUnavailable(ConnectionError):
     """No answer from the server within the timeout (down, restarting or unreachable)."""
+
+
+def expect_reply(reply: Any, kind: type) -> Any:
+    """`reply` if it is a `kind`; otherwise raise: an exception stands for itself, an ErrorReply
+    becomes RemoteError(code), any other reply type is a `bad_reply` RemoteError."""
+    if isinstance(reply, BaseException):
+        raise reply
+    if isinstance(reply, ErrorReply):
+        raise RemoteError(reply.code, reply.message)
+    if not isinstance(reply, kind):
+        raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
+    return reply
 
 
 class RolloutClient(Protocol):
