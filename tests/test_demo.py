@@ -112,17 +112,6 @@ def test_quick_overrides_shorten_the_configured_run():
     assert 0 < quick < full
 
 
-def test_stop_ends_the_child_and_everything_it_spawned(tmp_path):
-    """The demo stops what it started by process group: a grandchild must not outlive it."""
-    from demo.procs import group_alive, spawn, stop
-
-    proc = spawn(["bash", "-c", "sleep 60 & sleep 60"], tmp_path / "child.log")
-    assert group_alive(proc.pid)
-    stop(proc, grace_s=5)
-    assert proc.poll() is not None and not group_alive(proc.pid)
-    stop(proc)  # idempotent
-
-
 def test_link_tree_copies_a_model_directory(tmp_path):
     from demo.run import link_tree
 
