@@ -111,7 +111,7 @@ def test_each_rule_catches_its_break(package, source):
     ("package", "source"),
     [
         ("shared", "from shared.config import Parser, argkw\nimport os\nos._exit(0)\n"),
-        ("learner", "from learner.loss import _row_divergence\nfrom shared import messages\n"),
+        ("learner", "from learner.loss import divergence\nfrom shared import messages\n"),
         ("tests", "from conftest import _free_port\nimport msgspec\nmsgspec._core\n"),
         ("deploy", "from rollout_server.ray_actor import start_rollout_actor\nimport learner.recipe\n"),
     ],
