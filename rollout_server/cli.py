@@ -43,6 +43,8 @@ HELP = {
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "max_num_seqs": "Sequences decoded together per engine step.",
     "min_version_wait_s": "How long a request asking for a newer policy version waits for its push.",
+    "role": "student: sample the student and take adapter pushes; teacher: a frozen teacher that answers score requests and refuses pushes.",
+    "max_logprobs": "Largest top-k a score request may ask for (vLLM's max_logprobs).",
 }
 
 
@@ -103,6 +105,7 @@ def check(s: ServerSettings) -> ServerSettings:
         "max_message_mb": s.max_message_mb,
         "max_num_seqs": s.max_num_seqs,
         "min_version_wait_s": s.min_version_wait_s,
+        "max_logprobs": s.max_logprobs,
     }
     for name, v in positive.items():
         if not v > 0:

@@ -72,6 +72,7 @@ class VllmEngine:
             trust_remote_code=settings.trust_remote_code,
             max_num_seqs=settings.max_num_seqs,
             enable_prefix_caching=True,
+            max_logprobs=settings.max_logprobs,  # the largest top-k a teacher's score request may ask
         )
         if self.on_cpu:
             kw["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * _GiB)

@@ -37,6 +37,8 @@ from shared.messages import (
     PushAdapter,
     PushReply,
     Reply,
+    ScoreReply,
+    ScoreRequest,
     Status,
     StatusRequest,
     decode_request,
@@ -70,17 +72,24 @@ class RolloutService:
                 f"host={settings.host} is beyond loopback: a token is required (--token or GKD_TOKEN)"
             )
         from rollout_server.weights import BaseWeights
+        from shared.vocab import tokenizer_fingerprint
 
         self.engine = engine
         self.settings = settings
+        self.teacher = settings.role == "teacher"
         self.max_bytes = settings.max_message_mb * _MiB
         self._token = settings.token.encode() if settings.token else None
-        packed = engine.packed_modules() if settings.sync_mode == "merged" else {}
-        # lora mode needs only the shapes (for validation); merged mode keeps the fp32 values too.
-        self.base = BaseWeights(
-            settings.model, engine.dtype, packed, keep_values=settings.sync_mode == "merged"
-        )
-        self._own_root = adapter_root is None and settings.sync_mode == "lora"
+        tok = getattr(engine, "tokenizer", None)  # "" (cannot tell) for an engine without one
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tok) if tok is not None else ""
+        if self.teacher:
+            self.base = None  # a teacher never takes pushes: no pristine copy of its weights
+        else:
+            packed = engine.packed_modules() if settings.sync_mode == "merged" else {}
+            # lora mode needs only the shapes (for validation); merged mode keeps the fp32 values too.
+            self.base = BaseWeights(
+                settings.model, engine.dtype, packed, keep_values=settings.sync_mode == "merged"
+            )
+        self._own_root = adapter_root is None and settings.sync_mode == "lora" and not self.teacher
         if self._own_root:
             adapter_root = tempfile.mkdtemp(prefix="gkd-adapters-")
         self._adapter_root = Path(adapter_root) if adapter_root else None
@@ -138,18 +147,48 @@ class RolloutService:
         self.submit(env.body, lambda r: reply(encode(r)))
 
     def submit(
-        self, body: GenerateRequest | PushAdapter | StatusRequest, reply: Callable[[Reply], None]
+        self,
+        body: GenerateRequest | PushAdapter | StatusRequest | ScoreRequest,
+        reply: Callable[[Reply], None],
     ) -> None:
         """Typed entry point (already authenticated): exactly one reply, possibly from another thread."""
         if isinstance(body, StatusRequest):
             reply(self.status())
             return
-        if isinstance(body, GenerateRequest):
-            problem = self._check_generate(body)
-            if problem:
-                reply(ErrorReply(code="bad_request", message=problem, request_id=body.request_id))
-                return
+        refusal = self._refusal(body)
+        if refusal is not None:
+            reply(refusal)
+            return
         self._enqueue(_Work(body, reply))
+
+    def _refusal(self, body: Any) -> ErrorReply | None:
+        """The reply refusing `body` before it is queued, or None to queue it."""
+        rid = getattr(body, "request_id", "")
+        if isinstance(body, PushAdapter) and self.teacher:
+            return ErrorReply(
+                code="teacher_role",
+                message=f"this server serves the teacher {self.settings.model} (--role teacher) and takes no pushes; push to the student's rollout server",
+            )
+        if isinstance(body, ScoreRequest):
+            if not self.teacher:
+                return ErrorReply(
+                    code="not_teacher",
+                    message="this server serves the student (--role student); send score requests to a --role teacher server",
+                    request_id=rid,
+                )
+            from rollout_server.teacher import check_score
+
+            problem = check_score(
+                body,
+                vocab=self.engine.vocab_size,
+                max_logprobs=self.settings.max_logprobs,
+                max_model_len=self.settings.max_model_len,
+            )
+        elif isinstance(body, GenerateRequest):
+            problem = self._check_generate(body)
+        else:
+            problem = ""
+        return ErrorReply(code="bad_request", message=problem, request_id=rid) if problem else None
 
     def run_exclusive(self, fn: Callable[[Any], Any], timeout_s: float | None = None) -> tuple[Any, int]:
         """Run fn(engine) on the engine thread between batches; returns (result, policy version)."""
@@ -185,6 +224,8 @@ class RolloutService:
             dtype=self.engine.dtype_name,
             max_lora_rank=self.settings.max_lora_rank,
             uptime_s=now - self._started,
+            role=self.settings.role,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -220,6 +261,8 @@ class RolloutService:
                     self._generate(batch)
                 elif isinstance(batch[0].body, PushAdapter):
                     self._push(batch[0])
+                elif isinstance(batch[0].body, ScoreRequest):
+                    self._score(batch[0])
                 else:
                     self._exclusive(batch[0])
             except Exception as e:  # noqa: BLE001 - a bug here must not strand every later request
@@ -322,6 +365,28 @@ class RolloutService:
                     request_id=w.body.request_id, policy_version=version, completions=mine, generate_s=dt
                 ),
             )
+
+    def _score(self, w: _Work) -> None:
+        from rollout_server.teacher import score
+
+        req: ScoreRequest = w.body
+        t0 = time.perf_counter()
+        try:
+            scores = score(self.engine, req)
+            self.healthy = True
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the server
+            log.exception("score failed")
+            self.healthy = _engine_alive(e)
+            err = ErrorReply(code="internal", message=f"scoring failed: {e}", request_id=req.request_id)
+            return self._safe_reply(w, err)
+        reply = ScoreReply(
+            request_id=req.request_id,
+            scores=scores,
+            model=self.settings.model,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            score_s=time.perf_counter() - t0,
+        )
+        self._safe_reply(w, reply)
 
     def _push(self, w: _Work) -> None:
         from rollout_server.weights import ChecksumError

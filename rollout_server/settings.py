@@ -29,6 +29,10 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trust_remote_code: bool = False
     max_num_seqs: int = 64  # concurrent sequences per engine step
     min_version_wait_s: float = 300.0  # how long a request with min_version may wait for that push
+    # "student": sample the student and take pushed adapters; "teacher": serve a frozen teacher that
+    # answers score requests (and generates), and refuses every push.
+    role: Literal["student", "teacher"] = "student"
+    max_logprobs: int = 128  # the largest top-k a score request may ask for (vLLM's max_logprobs)
 
     def needs_token(self) -> bool:
         return self.host not in ("127.0.0.1", "localhost", "::1")

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shared.messages import ErrorReply, GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
+from shared.messages import (
+    ErrorReply,
+    GenerateReply,
+    GenerateRequest,
+    PushAdapter,
+    PushReply,
+    ScoreReply,
+    ScoreRequest,
+    Status,
+)
 
 
 class RemoteError(RuntimeError):
@@ -56,6 +65,18 @@ class RolloutClient(Protocol):
         ...
 
     def status(self, timeout_s: float | None = None) -> Status: ...
+
+    def submit_score(self, req: ScoreRequest) -> str:
+        """Send a score request to a teacher server (returns at once); returns its request_id."""
+        ...
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        """Block until the ScoreReply for `request_id` arrives (RemoteError / ServerUnavailable otherwise)."""
+        ...
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        """submit_score + score_result."""
+        ...
 
     def close(self) -> None:
         """Release sockets / handles. Idempotent."""

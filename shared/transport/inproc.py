@@ -17,6 +17,8 @@ from shared.messages import (
     GenerateRequest,
     PushAdapter,
     PushReply,
+    ScoreReply,
+    ScoreRequest,
     Status,
     StatusRequest,
     decode_reply,
@@ -55,7 +57,7 @@ class InprocClient:
             data = self._replies.pop(key)
         return decode_reply(data)
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         self._send(req, req.request_id)
@@ -76,6 +78,14 @@ class InprocClient:
         key = "status-" + uuid.uuid4().hex
         self._send(StatusRequest(), key)
         return expect_reply(self._wait(key, timeout_s), Status)
+
+    submit_score = submit  # score requests carry an id too
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return expect_reply(self._wait(request_id, timeout_s), ScoreReply)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         self._closed = True

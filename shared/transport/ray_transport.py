@@ -23,6 +23,7 @@ from shared.messages import (
     Envelope,
     GenerateReply,
     PushReply,
+    ScoreReply,
     Status,
     StatusRequest,
     decode_reply,
@@ -31,7 +32,7 @@ from shared.messages import (
 from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
 
 if TYPE_CHECKING:
-    from shared.messages import GenerateRequest, PushAdapter, Request
+    from shared.messages import GenerateRequest, PushAdapter, Request, ScoreRequest
 
 # Named actors live in a namespace; a fixed one lets any driver on the cluster find the server
 # (a job's default namespace is anonymous and private to that job).
@@ -65,19 +66,19 @@ class RayClient:
 
     # ---- RolloutClient ----------------------------------------------------------------------
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if req.request_id in self._pending:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self._pending[req.request_id] = self._send(req)
         return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+    def result(self, request_id: str, timeout_s: float | None = None, kind: type = GenerateReply) -> Any:
         ref = self._pending.get(request_id)
         if ref is None:
             raise KeyError(f"no request {request_id!r} in flight")
         reply = self._wait(ref, timeout_s)  # on timeout the ref stays pending: result() may be retried
         del self._pending[request_id]
-        return expect_reply(reply, GenerateReply)
+        return expect_reply(reply, kind)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
@@ -87,6 +88,14 @@ class RayClient:
 
     def status(self, timeout_s: float | None = None) -> Status:
         return expect_reply(self._wait(self._send(StatusRequest()), timeout_s), Status)
+
+    submit_score = submit  # score requests carry an id too
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return self.result(request_id, timeout_s, kind=ScoreReply)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         # Dropping the refs is all there is: the actor belongs to whoever started it, not to us.
