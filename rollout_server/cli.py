@@ -51,9 +51,9 @@ HELP = {
 
 
 def build_parser():
-    from shared.config import _argkw, _Parser
+    from shared.config import Parser, argkw
 
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="The GKD rollout server: vLLM samples the student and reloads pushed LoRA adapters in place.",
         argument_default=None,
@@ -65,7 +65,7 @@ def build_parser():
         if name == "token":
             shown = "default: $GKD_TOKEN"
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **_argkw(typ))
+        p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **argkw(typ))
     p.add_argument(
         "--log_level",
         default="INFO",
