@@ -11,7 +11,9 @@ Same signature and values as TRL's ``GKDTrainer.generalized_jsd_loss``; two path
   few cache-sized chunk temporaries.
 
 The module knows nothing about models or batches: it maps two logit tensors (and a label mask)
-to a scalar.
+to a scalar. One kernel, `divergence_parts` (a pure function of student and teacher log-prob rows
+and beta), defines the divergence for every path here (plain, chunked, top-k + tail) and for
+`learner.evaluate`; the chunked path builds its analytic gradient from the kernel's student part.
 
 Gradient (per token; u = student_logits / T, p = softmax(u), s = log p, q = teacher probs, t = log q;
 the derivative with respect to the logits is dL/du divided by T):
@@ -38,11 +40,10 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 # Above this many student-logit elements (16 MiB of fp32) the chunked path is used.
 CHUNK_THRESHOLD = 1 << 22
-# Default chunk: about 4 Mi elements (16 MiB fp32) per temporary, 27 rows at V=151936; the ~7
-# live chunk temporaries (~110 MiB) are small next to the [N, V] gradient. Smaller chunks fit the
+# Default chunk: about 4 Mi elements (16 MiB fp32) per temporary, 27 rows at V=151936; the few
+# live chunk temporaries (~100 MiB) are small next to the [N, V] gradient. Smaller chunks fit the
 # L3 better, but each torch op is an OpenMP parallel region whose barrier is costly when the cores
-# are oversubscribed (the rollout server shares them): measured on 2 busy cores (load ~7),
-# fwd+bwd took 148 / 123 / 110 / 94 ns per element at 6 / 13 / 27 / 48 rows per chunk.
+# are oversubscribed (the rollout server shares them), so on 2 busy cores larger chunks are faster.
 CHUNK_ELEMENTS = 1 << 22
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -121,21 +122,46 @@ def _wants_chunked(student: torch.Tensor, teacher: torch.Tensor, reduction: str)
     return reduction != "none" and not teacher.requires_grad and student.numel() >= CHUNK_THRESHOLD
 
 
-def _row_divergence(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-element divergence from student/teacher log-probs (same shape). Autograd-friendly."""
+def divergence_parts(
+    s: torch.Tensor, t: torch.Tensor, beta: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The divergence kernel: generalized JSD(beta) terms from student and teacher log-probs.
+
+    Args:
+        s: student log-probs, rows over the same bins as `t` (a vocabulary, or top-k + rest bins).
+        t: teacher log-probs, same shape (and dtype) as `s`.
+        beta: 0 gives KL(q || p), 1 gives KL(p || q); in between, with the mixture
+            M = beta q + (1 - beta) p, beta KL(q || M) + (1 - beta) KL(p || M).
+
+    Returns:
+        ``(student_part, teacher_part)``, per element, same shape as `s`: the student's terms
+        ``(1 - beta) p (s - log M)`` (``p (s - t)`` at beta = 1, None at beta = 0) and the
+        teacher's ``beta q (t - log M)`` (``q (t - s)`` at beta = 0, None at beta = 1). Their sum
+        over the last dim is the per-row divergence. Pure and autograd-friendly; `divergence` adds
+        the parts, the chunked path also builds its analytic gradient from the student part.
+    """
     if beta == 0.0:
-        return t.exp() * (t - s)
+        return None, t.exp() * (t - s)
     if beta == 1.0:
-        return s.exp() * (s - t)
+        return s.exp() * (s - t), None
     # log M in log space: the probabilities underflow long before the log-probs do.
     m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-    return beta * t.exp() * (t - m) + (1.0 - beta) * s.exp() * (s - m)
+    return (1.0 - beta) * s.exp() * (s - m), beta * t.exp() * (t - m)
+
+
+def divergence(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-element generalized JSD(beta) from log-probs `s` (student) and `t` (teacher), same shape;
+    each row sums to that row's divergence. The sum of `divergence_parts`."""
+    student, teacher = divergence_parts(s, t, beta)
+    if student is None:
+        return teacher
+    return student if teacher is None else student + teacher
 
 
 def _plain_jsd(student, teacher, mask, beta, temperature, reduction) -> torch.Tensor:
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    div = _row_divergence(s, t, beta)
+    div = divergence(s, t, beta)
     if mask is not None:
         div = div[mask]
     if reduction == "none":
@@ -159,46 +185,27 @@ def _chunk_loss_and_grad(s_logits, t_logits, beta, temperature, grad_out, scale)
     Computes in fp32 whatever the input dtype. ``grad_out`` is a view into the gradient buffer
     (the last op writes straight into it, casting to its dtype) or None for a value-only pass;
     ``scale`` is 1 / the reduction's denominator, folded in here to save a pass over [N, V].
-    Written for speed on CPU: in-place ops, ``vecdot`` instead of ``(a * b).sum()``, and the
-    mixture's log taken in probability space (``torch.logaddexp`` costs ~4x a ``log``); where
-    both probabilities underflow, M is clamped to the smallest normal float, which changes only
-    terms weighted by p or q < 1e-38.
+    The gradient comes from the kernel's student part (see the module docstring): with
+    a = student_part, dL/du = a - p * sum(a) for beta > 0, and p - q at beta = 0.
     """
     s = _log_softmax(s_logits, temperature)
     t = _log_softmax(t_logits, temperature)
-    p, q = s.exp(), t.exp()
-    if beta == 0.0:  # KL(q || p) = q.t - q.s;  dL/du = p - q
-        loss = _dot(q, t.sub_(s))
-        if grad_out is not None:
-            torch.sub(p, q, out=grad_out)
-            grad_out.mul_(scale / temperature)
-        return loss
-    if beta == 1.0:  # KL(p || q) = p.(s - t);  dL/du = p * (s - t - KL)
-        return _mixture_tail(p, s.sub_(t), scale / temperature, grad_out)
-    m = p.mul(1.0 - beta).add_(q, alpha=beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
-    kl_teacher = _dot(q, t.sub_(m))
-    kl_student = _mixture_tail(p, s.sub_(m), scale * (1.0 - beta) / temperature, grad_out)
-    return beta * kl_teacher + (1.0 - beta) * kl_student
-
-
-def _mixture_tail(p, d, coef, grad_out):
-    """sum over rows of KL_row = p.d, and grad_out = coef * p * (d - KL_row). Clobbers d."""
-    row = torch.linalg.vecdot(p, d)
+    student, teacher = divergence_parts(s, t, beta)
+    row_student = None if student is None else student.sum(-1)
+    loss = sum(x.sum(-1).sum() for x in (row_student, teacher) if x is not None)
     if grad_out is not None:
-        torch.mul(p, d.sub_(row[:, None]), out=grad_out)
-        grad_out.mul_(coef)
-    return row.sum()
+        p = s.exp_()
+        if student is None:
+            torch.sub(p, t.exp_(), out=grad_out)
+        else:
+            torch.sub(student, p.mul_(row_student[:, None]), out=grad_out)
+        grad_out.mul_(scale / temperature)
+    return loss
 
 
 def _log_softmax(logits, temperature):
     x = logits.float()
     return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
-
-
-def _dot(a, b):
-    # Not torch.dot: BLAS sdot accumulates in fp32 lanes (relative error ~1e-5 over 1M terms);
-    # a row-wise vecdot and then sum keeps ~1e-7.
-    return torch.linalg.vecdot(a, b).sum()
 
 
 def _chunk_spans(x: torch.Tensor, chunk: int):
@@ -348,7 +355,7 @@ def topk_tail_jsd_loss(
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
         raise ValueError(f"teacher top-k ids outside the student's vocabulary [0, {v})")
     s_bins, t_bins = topk_tail_bins(s_logits, ids, t_top, temperature)
-    per_token = _row_divergence(s_bins, t_bins, beta).sum(-1)
+    per_token = divergence(s_bins, t_bins, beta).sum(-1)
     return _reduce_tokens(per_token, reduction)
 
 

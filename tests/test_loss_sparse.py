@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.loss import (
-    _row_divergence,
+    divergence,
     generalized_jsd_loss,
     log_rest_mass,
     sampled_rkl_loss,
@@ -31,7 +31,7 @@ def _full_jsd(s_logits, t_logits, beta, temperature=1.0):
     """The full-vocabulary generalized JSD, mean over tokens, in the logits' own dtype."""
     s = F.log_softmax(s_logits / temperature, dim=-1)
     t = F.log_softmax(t_logits, dim=-1)
-    return _row_divergence(s, t, beta).sum(-1).mean()
+    return divergence(s, t, beta).sum(-1).mean()
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -71,7 +71,7 @@ def test_never_exceeds_the_full_value(beta, k):
         s, t = _logits(100 + seed, scale=1.0 + seed % 4), _logits(200 + seed, scale=1.0 + seed % 3)
         ids, lp = _teacher_topk(t, k)
         per_token = topk_tail_jsd_loss(s, ids, lp, beta=beta, reduction="none")
-        full = _row_divergence(F.log_softmax(s, -1), F.log_softmax(t, -1), beta).sum(-1)
+        full = divergence(F.log_softmax(s, -1), F.log_softmax(t, -1), beta).sum(-1)
         # k = V - 1 leaves one token in the rest bin: equality, up to float64 rounding.
         assert (per_token <= full + 1e-9).all(), (seed, (per_token - full).max().item())
         assert (per_token >= -1e-12).all()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.messages import (
+    STARTING,
+    ErrorReply,
     GenerateReply,
     GenerateRequest,
     PushAdapter,
@@ -27,6 +29,21 @@ class RemoteError(RuntimeError):
 
 class ServerUnavailable(ConnectionError):
     """No answer from the server within the timeout (down, restarting or unreachable)."""
+
+
+def expect_reply(reply: Any, kind: type) -> Any:
+    """`reply` if it is a `kind`; otherwise raise: an exception stands for itself, an ErrorReply
+    becomes RemoteError(code), any other reply type is a `bad_reply` RemoteError."""
+    if isinstance(reply, BaseException):
+        raise reply
+    if isinstance(reply, ErrorReply) and reply.code == STARTING:
+        # The port answers while the engine starts: the same as no server yet, so callers retry.
+        raise ServerUnavailable(reply.message)
+    if isinstance(reply, ErrorReply):
+        raise RemoteError(reply.code, reply.message)
+    if not isinstance(reply, kind):
+        raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
+    return reply
 
 
 class RolloutClient(Protocol):

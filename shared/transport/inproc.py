@@ -14,7 +14,6 @@ from typing import Any
 
 from shared.messages import (
     Envelope,
-    ErrorReply,
     GenerateReply,
     GenerateRequest,
     PushAdapter,
@@ -26,7 +25,7 @@ from shared.messages import (
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable
+from shared.transport.base import ServerUnavailable, expect_reply
 
 
 class InprocClient:
@@ -57,10 +56,7 @@ class InprocClient:
                     f"no reply from the in-process rollout service within {timeout:.0f} s"
                 )
             data = self._replies.pop(key)
-        reply = decode_reply(data)
-        if isinstance(reply, ErrorReply):
-            raise RemoteError(reply.code, reply.message)
-        return reply
+        return decode_reply(data)
 
     def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if not req.request_id:
@@ -69,7 +65,7 @@ class InprocClient:
         return req.request_id
 
     def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
-        return self._expect(self._wait(request_id, timeout_s), GenerateReply)
+        return expect_reply(self._wait(request_id, timeout_s), GenerateReply)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
@@ -82,7 +78,7 @@ class InprocClient:
     ) -> PushReply:
         key = "push-" + uuid.uuid4().hex
         self._send(msg, key)
-        reply = self._expect(self._wait(key, timeout_s), PushReply)
+        reply = expect_reply(self._wait(key, timeout_s), PushReply)
         if verify is not None:
             verify(reply)
         return reply
@@ -90,21 +86,15 @@ class InprocClient:
     def status(self, timeout_s: float | None = None) -> Status:
         key = "status-" + uuid.uuid4().hex
         self._send(StatusRequest(), key)
-        return self._expect(self._wait(key, timeout_s), Status)
+        return expect_reply(self._wait(key, timeout_s), Status)
 
     submit_score = submit  # score requests carry an id too
 
     def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
-        return self._expect(self._wait(request_id, timeout_s), ScoreReply)
+        return expect_reply(self._wait(request_id, timeout_s), ScoreReply)
 
     def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
         return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         self._closed = True
-
-    @staticmethod
-    def _expect(reply: Any, kind: type) -> Any:
-        if not isinstance(reply, kind):
-            raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
-        return reply

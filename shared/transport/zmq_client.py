@@ -26,7 +26,6 @@ from zmq.utils.monitor import recv_monitor_message
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
-    ErrorReply,
     GenerateReply,
     GenerateRequest,
     PushAdapter,
@@ -38,7 +37,7 @@ from shared.messages import (
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable
+from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
 
 _MiB = 1024 * 1024
 
@@ -253,13 +252,7 @@ class ZmqClient:
     def _expect(self, reply: Any, kind: type) -> Any:
         if isinstance(reply, ServerUnavailable):
             self._lost = None  # this caller hears of the drop
-        if isinstance(reply, BaseException):
-            raise reply
-        if isinstance(reply, ErrorReply):
-            raise RemoteError(reply.code, reply.message)
-        if not isinstance(reply, kind):
-            raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
-        return reply
+        return expect_reply(reply, kind)
 
     def __enter__(self) -> ZmqClient:
         return self
