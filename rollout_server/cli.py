@@ -64,7 +64,16 @@ def check(s: ServerSettings) -> ServerSettings:
     errors = problems(s)
     if errors:
         raise _Exit(errors[0])
-    return msgspec.structs.replace(s, model=resolve_model(s.model))
+    s = msgspec.structs.replace(s, model=resolve_model(s.model))
+    from rollout_server.engine import model_context_len
+
+    limit = model_context_len(s.model)
+    if s.max_model_len is not None and limit is not None and s.max_model_len > limit:
+        raise _Exit(
+            f"--max_model_len {s.max_model_len} is above the model's own limit ({limit} tokens); "
+            "lower it, or omit --max_model_len to use the model's limit"
+        )
+    return s
 
 
 def resolve_model(model: str) -> str:
@@ -115,15 +124,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(s: ServerSettings) -> int:
-    from rollout_server.zmq_server import PortInUse, ZmqServer
+    from rollout_server.zmq_server import PortInUse, Starting, ZmqServer
 
-    # Bind before the engine starts (20-90 s on CPU), so a taken port fails at once.
+    # Bind before the engine starts (20-90 s on CPU), so a taken port fails at once; until the
+    # engine is up, every request gets a one-line "starting" error (clients retry on it).
     try:
         zmq_server = ZmqServer(s.host, s.port, s.max_message_mb * 1024 * 1024)
     except (PortInUse, OSError) as e:
         raise _Exit(str(e)) from None
+    stop = threading.Event()
+    _on_signals(stop)
+    zmq_thread = threading.Thread(
+        target=zmq_server.serve, args=(Starting(s.model), stop), name="gkd-zmq", daemon=True
+    )
+    zmq_thread.start()
     http = None
-    resources: list[Any] = [zmq_server]
+    resources: list[Any] = []
     try:
         if s.http_port is not None:
             from rollout_server.openai_api import OpenAIServer
@@ -135,16 +151,14 @@ def serve(s: ServerSettings) -> int:
                     f"--http_port {s.http_port} on {s.host}: {e.strerror or e}; pick another port"
                 ) from None
             resources.append(http)
-        stop = threading.Event()
-        _on_signals(stop)
         t0 = time.perf_counter()
-        try:
-            from rollout_server.engine import VllmEngine
+        from rollout_server.engine import AsyncEngine, EngineStartError
 
-            engine = VllmEngine(s)
-        except Exception as e:  # noqa: BLE001 - the edge: one line (traceback with --log_level DEBUG)
+        try:
+            engine = AsyncEngine(s)
+        except EngineStartError as e:
             log.debug("engine start failed", exc_info=True)
-            raise _Exit(f"the vLLM engine failed to start: {type(e).__name__}: {e}") from None
+            raise _Exit(str(e)) from None
         resources.append(engine)
         from rollout_server.service import RolloutService
 
@@ -152,22 +166,28 @@ def serve(s: ServerSettings) -> int:
         resources.insert(0, service)
         if http is not None:
             http.start(service)
+        zmq_server.set_service(service)
         extra = f", OpenAI endpoint http://{s.host}:{s.http_port}/v1" if http else ""
         log.info(
-            "ready on %s (model %s, %s, sync_mode %s, engine start %.1f s%s)",
+            "ready on %s (model %s, %s, sync_mode %s, max_model_len %d, engine start %.1f s%s)",
             zmq_server.url,
             s.model,
             engine.dtype_name,
             s.sync_mode,
+            engine.max_model_len,
             time.perf_counter() - t0,
             extra,
         )
-        zmq_server.serve(service, stop)
+        while not stop.wait(0.5):
+            if not zmq_thread.is_alive():
+                raise _Exit("the ZeroMQ loop stopped unexpectedly; see the log above")
         log.info("stopping")
         return 0
     finally:
-        # The service first (its engine thread uses the engine), then transports, then the engine.
-        for r in resources:
+        stop.set()
+        zmq_thread.join(5)
+        # The service first (its requests use the engine), then transports, then the engine.
+        for r in [*resources[:1], zmq_server, *resources[1:]]:
             log.debug("closing %s", type(r).__name__)
             try:
                 r.close()

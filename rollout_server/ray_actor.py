@@ -1,6 +1,7 @@
 """The rollout server as a named Ray actor (the server side of `ray://<actor name>`).
 
-`RolloutActor` builds the vLLM engine and the RolloutService inside the actor (in-process vLLM) and
+`RolloutActor` builds the vLLM engine and the RolloutService inside the actor (vLLM's engine core
+runs in a process of its own, started by the actor) and
 exposes one method, `call(data: bytes) -> bytes`: an encoded Envelope in, an encoded Reply out. Only
 msgpack bytes cross the actor boundary (the settings too), so nothing of ours is ever pickled. The
 learner's side is `shared.transport.ray_transport.RayClient`.
@@ -11,7 +12,6 @@ Ray is imported lazily: importing this module costs nothing until an actor is ma
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from typing import Any
 
 import msgspec
@@ -20,7 +20,7 @@ from rollout_server.settings import ServerSettings
 from shared.transport.ray_transport import NAMESPACE
 
 # Concurrent `call`s an actor accepts: enough for the learner's in-flight generates plus a push and
-# status polls. The service queues them for its single engine thread.
+# status polls. Each waits for its reply while the service runs the work on its engine loop.
 MAX_CONCURRENCY = 16
 
 
@@ -28,16 +28,13 @@ class RolloutActor:
     """The rollout server inside a Ray actor (wrapped with `ray.remote` by `start_rollout_actor`)."""
 
     def __init__(self, settings_msgpack: bytes):
-        # The engine must be in-process: Ray already isolates the actor in its own worker process,
-        # and merged weights then reach the model by reference.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from rollout_server.cli import check
-        from rollout_server.engine import VllmEngine
+        from rollout_server.engine import AsyncEngine
         from rollout_server.service import RolloutService
 
         # The server CLI's own checks; a hub id is fetched here, on the actor's node.
         settings = check(msgspec.msgpack.decode(settings_msgpack, type=ServerSettings))
-        self._service = RolloutService(VllmEngine(settings), settings)
+        self._service = RolloutService(AsyncEngine(settings), settings)
 
     def call(self, data: bytes) -> bytes:
         """One encoded Envelope in, its encoded Reply out (the service answers exactly once)."""
@@ -49,7 +46,6 @@ class RolloutActor:
 def settings_env(settings: ServerSettings) -> dict[str, str]:
     """Env vars the actor's worker needs before vLLM is imported."""
     return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(settings.kv_cache_gb))),
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -23,17 +23,21 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
         "auto"  # serving dtype (auto: bf16 on CUDA, fp32 on CPU... see engine)
     )
-    max_model_len: int = 2048  # longest prompt+completion the engine accepts
+    max_model_len: int | None = None  # longest prompt+completion; None: the model's own limit
     gpu_memory_utilization: float = 0.85  # CUDA only: share of GPU memory vLLM may take
     kv_cache_gb: float = 1.0  # CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     max_lora_rank: int = 64  # largest adapter rank accepted (also vLLM's max_lora_rank in lora mode)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024)  # larger messages are refused unread
     http_port: int | None = None  # OpenAI-compatible endpoint port (None: off)
-    enforce_eager: bool = True  # no CUDA graphs / compile: faster start, what CPU needs
+    enforce_eager: bool | None = None  # no CUDA graphs / compile; None: on for CPU, off on GPU
     seed: int = 0  # engine seed
     trust_remote_code: bool = False
     max_num_seqs: int = 64  # concurrent sequences per engine step
     min_version_wait_s: float = 300.0  # how long a request with min_version may wait for that push
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism (GPUs per engine)
+    # dtype of each worker's pristine copy of the adaptable weights, which every merged push starts
+    # from; float32 keeps W0 + s*B*A from rounding back to W0 (a bf16 copy would lose small deltas).
+    pristine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # "student": sample the student and take pushed adapters; "teacher": serve a frozen teacher that
     # answers score requests (and generates), and refuses every push.
     role: Literal["student", "teacher"] = "student"
@@ -51,13 +55,15 @@ HELP = {
     "token": "Shared secret required on every request (default: env GKD_TOKEN).",
     "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading.",
     "dtype": "Serving dtype; auto = float32 on CPU (exact canary), bfloat16 on CUDA.",
-    "max_model_len": "Longest prompt + completion, in tokens.",
+    "max_model_len": "Longest prompt + completion, in tokens (default: the model's own limit).",
     "gpu_memory_utilization": "CUDA only: share of GPU memory vLLM may use.",
     "kv_cache_gb": "CPU only: KV cache size in GiB.",
     "max_lora_rank": "Largest adapter rank accepted.",
     "max_message_mb": "Messages larger than this are refused before they are buffered.",
     "http_port": "Serve an OpenAI-compatible endpoint on this port (off by default).",
-    "enforce_eager": "No CUDA graphs / torch.compile: faster start.",
+    "enforce_eager": "No CUDA graphs / torch.compile: faster start (default: on for CPU, off on GPU).",
+    "tensor_parallel_size": "GPUs per engine (vLLM tensor parallelism).",
+    "pristine_dtype": "dtype of each worker's pristine copy of the adaptable weights (merged mode).",
     "seed": "Engine seed.",
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "max_num_seqs": "Sequences decoded together per engine step.",
@@ -104,15 +110,16 @@ def problems(s: ServerSettings) -> list[str]:
             errors.append(f"--{name}={v} is invalid: must be in [1, 65535]")
     if s.http_port is not None and s.http_port == s.port:
         errors.append(f"--http_port must differ from --port ({s.port})")
-    positive = (
-        "max_model_len",
-        "kv_cache_gb",
-        "max_message_mb",
-        "max_num_seqs",
-        "min_version_wait_s",
-        "max_logprobs",
-    )
-    errors += [f"--{n}={getattr(s, n)} is invalid: must be > 0" for n in positive if not getattr(s, n) > 0]
+    positive = {
+        "max_model_len": 1 if s.max_model_len is None else s.max_model_len,  # None: the model's own
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "kv_cache_gb": s.kv_cache_gb,
+        "max_message_mb": s.max_message_mb,
+        "max_num_seqs": s.max_num_seqs,
+        "min_version_wait_s": s.min_version_wait_s,
+        "max_logprobs": s.max_logprobs,
+    }
+    errors += [f"--{n}={v} is invalid: must be > 0" for n, v in positive.items() if not v > 0]
     if not 1 <= s.max_lora_rank <= 512:
         errors.append(
             f"--max_lora_rank={s.max_lora_rank} is invalid: must be in [1, 512] (vLLM's largest LoRA rank is 512)"

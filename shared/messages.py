@@ -158,11 +158,16 @@ class ScoreReply(msgspec.Struct, tag="scored", kw_only=True):
     score_s: float = 0.0  # wall seconds the engine spent on this request
 
 
+# ErrorReply.code of a server whose port is up while its engine still starts; clients retry.
+STARTING = "starting"
+
+
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
     """A request failed; the server keeps running."""
 
     # short machine-readable kind: bad_request, unauthorized, checksum, invalid_adapter, too_large,
-    # internal, teacher_role (a push sent to a teacher server), not_teacher (a score sent to a student)
+    # internal, teacher_role (a push sent to a teacher server), not_teacher (a score sent to a student),
+    # starting (the engine is still starting: retry)
     code: str
     message: str  # one human-readable line saying what was wrong and what to do
     request_id: str = ""  # the failing request's id, when it had one

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from shared.messages import (
+    STARTING,
     ErrorReply,
     GenerateReply,
     GenerateRequest,
@@ -34,6 +35,9 @@ def expect_reply(reply: Any, kind: type) -> Any:
     becomes RemoteError(code), any other reply type is a `bad_reply` RemoteError."""
     if isinstance(reply, BaseException):
         raise reply
+    if isinstance(reply, ErrorReply) and reply.code == STARTING:
+        # The port answers while the engine starts: the same as no server yet, so callers retry.
+        raise ServerUnavailable(reply.message)
     if isinstance(reply, ErrorReply):
         raise RemoteError(reply.code, reply.message)
     if not isinstance(reply, kind):
