@@ -126,4 +126,4 @@ def test_replica_killed_mid_run_then_restarted_rejoins(replicas, tiny_models, ti
     assert served[served.index(joined) :] == list(range(joined, final + 1))
     assert [status(s).policy_version for s in (restarted, survivor)] == [final, final]
     assert status(restarted).served_requests > 0
-    assert f"rollout replica {victim.url} rejoined at policy version {served[0]}" in output
+    assert f"rollout replica {victim.url} rejoined at policy version {joined}" in output
