@@ -204,11 +204,10 @@ def test_resume_skips_partial_and_corrupt_checkpoints(tmp_path):
     good = checkpoint.checkpoints_dir(out) / "step-2"
     tmp, no_manifest, corrupt = _plant_broken_checkpoints(out, good, 2)
     assert checkpoint.find_latest(out) == good
-    assert checkpoint.resolve("latest", out) == good
     assert checkpoint.load(good)["state"].policy_version == 12
     for bad in (no_manifest, corrupt, tmp):
         with pytest.raises(UserError, match="not a complete checkpoint"):
-            checkpoint.resolve(str(bad), out)
+            checkpoint.require_complete(bad)
     # A manifest that is not even JSON is just as incomplete.
     (corrupt / checkpoint.MANIFEST).write_text("{ truncated")
     assert checkpoint.find_latest(out) == good
