@@ -199,10 +199,10 @@ class GKDRecipe:
             )
             self.state.world_size = self.dist.world_size
         log.info(
-            "resumed run %s from %s at step %d (policy version %d, epoch %d, index %d)",
-            self.plan.run.run_id,
+            "resumed from %s at step %d (run %s, policy version %d, epoch %d, index %d)",
             path,
             self.state.step,
+            self.plan.run.run_id,
             self.state.policy_version,
             self.state.cursor.epoch,
             self.state.cursor.index,
