@@ -126,25 +126,6 @@ def rollout_server(model: Path, log: Path, dtype: str = "float32", **flags: Any)
     return RolloutServer(model, log, dtype=dtype, extra=extra)
 
 
-def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None):
-    """A child in its own process group (demo.procs.spawn); stop it with `stop`."""
-    from demo.procs import spawn as _spawn
-
-    return _spawn(cmd, log, env)
-
-
-def stop(proc) -> None:
-    from demo.procs import stop as _stop
-
-    _stop(proc)
-
-
-def log_tail(path: Path, n: int = 25) -> str:
-    from demo.procs import log_tail as _tail
-
-    return _tail(path, n)
-
-
 class PeakRss:
     """The kernel's resident-memory high-water mark (VmHWM) of a child, sampled until it exits.
 

@@ -41,19 +41,17 @@ from bench.common import (
     demo_paths,
     layers,
     load_note,
-    log_tail,
     median,
     read_jsonl_complete,
     read_rows,
     rollout_server,
     seconds_left,
     setup_process,
-    spawn,
-    stop,
     table,
     target,
     write_result,
 )
+from shared import procs
 
 TARGET_SPEED = 2.0
 TARGET_GAP = 2.0
@@ -149,12 +147,12 @@ def train_learner(
     """
     metrics = out / "metrics.jsonl"
     t_spawn = time.time()
-    proc = spawn(cmd, log)
+    proc = procs.start(cmd, log)
     peak, t0, seen, step_t = PeakRss(proc.pid), None, 0, {}
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the learner exited with code {proc.returncode}:\n{log_tail(log)}")
+                raise RuntimeError(f"the learner exited with code {proc.returncode}:\n{procs.log_tail(log)}")
             now = time.time()
             rows = read_jsonl_complete(metrics)
             for r in rows[seen:]:
@@ -168,12 +166,12 @@ def train_learner(
                 break
             if t0 is None and now - t_spawn > setup_timeout_s:
                 raise RuntimeError(
-                    f"the learner did not start training within {setup_timeout_s:.0f} s:\n{log_tail(log)}"
+                    f"the learner did not start training within {setup_timeout_s:.0f} s:\n{procs.log_tail(log)}"
                 )
             time.sleep(0.2)
         peak.sample()
     finally:
-        stop(proc)
+        procs.stop(proc)
     rows = [r for r in read_jsonl_complete(metrics) if "seconds_per_step" in r]
     steps = [
         {
@@ -272,16 +270,16 @@ def run_trl(paths: dict, args, work: Path, gc: bool, budget_s: float, snap_every
         str(args.seed),
     ]
     log = OUT / "logs" / f"e2e-{out.name}.log"
-    proc = spawn(cmd, log, {"TRL_EXPERIMENTAL_SILENCE": "1"})
+    proc = procs.start(cmd, log, {"TRL_EXPERIMENTAL_SILENCE": "1"})
     peak = PeakRss(proc.pid)
     try:
         while proc.poll() is None:
             peak.sample()
             time.sleep(0.5)
     finally:
-        stop(proc)
+        procs.stop(proc)
     if proc.returncode != 0:
-        raise RuntimeError(f"the TRL run exited with code {proc.returncode}:\n{log_tail(log)}")
+        raise RuntimeError(f"the TRL run exited with code {proc.returncode}:\n{procs.log_tail(log)}")
     res = json.loads((out / "run.json").read_text())
     res["peak_rss_bytes"] = peak.kib * 1024
     return res

@@ -127,20 +127,11 @@ def _progress_bar(line: str) -> bool:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stop the section and everything it started (its own process group), by its id."""
-    import signal
+    from shared import procs
 
     # SIGTERM first: the section then stops the servers/learners it started (see bench.common); they
     # need up to ~30 s each to go, so wait for that before SIGKILL.
-    for sig, wait in ((signal.SIGTERM, 90), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    procs.stop(proc, grace_s=90)
 
 
 def loss_targets(data: dict) -> list[dict]:

@@ -28,19 +28,17 @@ from bench.common import (
     PeakRss,
     demo_paths,
     load_note,
-    log_tail,
     median,
     read_jsonl_complete,
     rollout_server,
     seconds_left,
     setup_process,
-    spawn,
-    stop,
     table,
     write_result,
 )
 from bench.end_to_end import build_parser as e2e_parser
 from bench.end_to_end import learner_cmd
+from shared import procs
 
 
 def run_config(paths: dict, args, url: str, batch: int, tokens: int, work: Path) -> dict:
@@ -50,7 +48,7 @@ def run_config(paths: dict, args, url: str, batch: int, tokens: int, work: Path)
     )
     cmd = learner_cmd(paths, a, out, url, max_steps=args.steps, max_length=max(1024, 512 + tokens))
     log = OUT / "logs" / f"scaling-{out.name}.log"
-    proc = spawn(cmd, log)
+    proc = procs.start(cmd, log)
     peak = PeakRss(proc.pid)
     t0 = time.time()
     try:
@@ -59,13 +57,13 @@ def run_config(paths: dict, args, url: str, batch: int, tokens: int, work: Path)
             time.sleep(0.2)
             if time.time() - t0 > args.timeout_s:
                 raise RuntimeError(
-                    f"learner batch {batch} tokens {tokens} did not finish in {args.timeout_s:.0f} s:\n{log_tail(log)}"
+                    f"learner batch {batch} tokens {tokens} did not finish in {args.timeout_s:.0f} s:\n{procs.log_tail(log)}"
                 )
     finally:
-        stop(proc)
+        procs.stop(proc)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"learner batch {batch} tokens {tokens} exited with {proc.returncode}:\n{log_tail(log)}"
+            f"learner batch {batch} tokens {tokens} exited with {proc.returncode}:\n{procs.log_tail(log)}"
         )
     rows = [r for r in read_jsonl_complete(out / "metrics.jsonl") if "seconds_per_step" in r]
     timed = rows[args.warmup :]

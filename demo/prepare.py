@@ -437,7 +437,7 @@ def teacher_figures(teacher: Path, data_dir: Path, n: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from learner.data import _end_at_eos
+    from learner.data import end_at_eos
     from learner.evaluate import distinct_n
     from learner.step import IGNORE, collate, completion_logits
 
@@ -460,7 +460,7 @@ def teacher_figures(teacher: Path, data_dir: Path, n: int) -> dict[str, float]:
             count += batch.n_tokens
     # The held-out completion as the learner tokenizes it: the text, then eos.
     text_ids = [
-        _end_at_eos(
+        end_at_eos(
             tok(r["completion"][0]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"],
             tok.eos_token_id,
         )

@@ -215,7 +215,7 @@ def side_by_side(
     for a, b in list(zip(s0, s1))[:k]:
         out.append(
             {
-                "prompt": _user_text(a["prompt"]),
+                "prompt": user_text(a["prompt"]),
                 "teacher": a["teacher"],
                 "pruned": a["student"],
                 "distilled": b["student"],
@@ -224,7 +224,7 @@ def side_by_side(
     return out
 
 
-def _user_text(templated: str) -> str:
+def user_text(templated: str) -> str:
     """The user's turn out of a ChatML-templated prompt (falls back to the whole text)."""
     start = templated.rfind("<|im_start|>user\n")
     if start < 0:

@@ -141,7 +141,7 @@ def run(root: Path, config: Path, *, quick: bool, drop_every: int | None, learne
 
 def train_stage(root: Path, prep, config: Path, learner_out: Path, overrides: list[str], logs: Path) -> dict:
     """Rollout server on the pruned student + gkd-learner, both child processes; returns what was watched."""
-    from demo.procs import ProcessFailed, RolloutServer, log_tail, spawn, stop, venv_script
+    from demo.procs import ProcessFailed, RolloutServer, log_tail, start, stop, venv_script
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -169,10 +169,10 @@ def train_stage(root: Path, prep, config: Path, learner_out: Path, overrides: li
             *overrides,
         ]
         t_learn = time.perf_counter()
-        learner = spawn(cmd, logs / "learner.log")
+        learner = start(cmd, logs / "learner.log")
         monitor = ServerMonitor(server.url)
         monitor.start()
-        total = _config_steps(config, overrides)
+        total = config_steps(config, overrides)
         watch_learner(learner, learner_out, total, logs / "learner.log")
         timings["learner_s"] = time.perf_counter() - t_learn
         if learner.returncode != 0:
@@ -205,7 +205,7 @@ def _flag(args: list[str], name: str) -> str | None:
     return value
 
 
-def _config_steps(config: Path, overrides: list[str]) -> int:
+def config_steps(config: Path, overrides: list[str]) -> int:
     import yaml
 
     given = _flag(overrides, "--max_steps")

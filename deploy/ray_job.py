@@ -106,7 +106,8 @@ def run(cfg: Config, ns: Any) -> None:
     """Start the rollout actor, wait for it, run the learner to completion (or raise JobFailed)."""
     import ray
 
-    from shared.transport.ray_transport import RayClient, start_rollout_actor
+    from rollout_server.ray_actor import start_rollout_actor
+    from shared.transport.ray_transport import RayClient
 
     # A per-job secret when none is given: the actor's name is visible to every driver on the cluster.
     token = cfg.rollout.token or secrets.token_urlsafe(24)

@@ -150,7 +150,7 @@ def to_examples(rows, shape, tokenizer, limit, max_length, action) -> tuple[list
     comps = iter(tokenizer(comp_texts, add_special_tokens=False)["input_ids"] if comp_texts else [])
     out, overlong = [], 0
     for (p_text, c_text), p_ids in zip(pairs, prompts):
-        c_ids = _end_at_eos(next(comps), tokenizer.eos_token_id) if c_text is not None else None
+        c_ids = end_at_eos(next(comps), tokenizer.eos_token_id) if c_text is not None else None
         if len(p_ids) > limit:
             overlong += 1
             if action == "skip":
@@ -219,7 +219,7 @@ def _check_messages(msgs: Any, i: int) -> list[dict[str, str]]:
     return msgs
 
 
-def _end_at_eos(ids: list[int], eos: int) -> list[int]:
+def end_at_eos(ids: list[int], eos: int) -> list[int]:
     """Cut after the first eos: templates often add a newline after it that the model never emits."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
 

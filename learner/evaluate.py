@@ -15,11 +15,11 @@ with completions from anywhere.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from learner.loss import divergence
 from learner.step import IGNORE, collate, completion_logits
 
 
@@ -36,16 +36,11 @@ def token_divergences(
     mask = labels != IGNORE
     s = torch.log_softmax(s_logits[mask].float(), dim=-1)
     t = torch.log_softmax(t_logits[mask].float(), dim=-1)
-    ps, pt = s.exp(), t.exp()
-    kl_fwd = (pt * (t - s)).sum(-1)  # KL(teacher || student)
-    kl_rev = (ps * (s - t)).sum(-1)  # KL(student || teacher)
-    if beta == 0:
-        jsd = kl_fwd
-    elif beta == 1:
-        jsd = kl_rev
-    else:
-        m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
-        jsd = beta * (pt * (t - m)).sum(-1) + (1 - beta) * (ps * (s - m)).sum(-1)
+    kl_fwd = divergence(s, t, 0.0).sum(-1)  # KL(teacher || student)
+    kl_rev = divergence(s, t, 1.0).sum(-1)  # KL(student || teacher)
+    jsd = {0.0: kl_fwd, 1.0: kl_rev}.get(float(beta))
+    if jsd is None:
+        jsd = divergence(s, t, beta).sum(-1)
     ids = labels[mask][:, None]
     return {
         "jsd": jsd,

@@ -11,7 +11,9 @@ Same signature and values as TRL's ``GKDTrainer.generalized_jsd_loss``; two path
   few cache-sized chunk temporaries.
 
 The module knows nothing about models or batches: it maps two logit tensors (and a label mask)
-to a scalar.
+to a scalar. One kernel, `divergence_parts` (a pure function of student and teacher log-prob rows
+and beta), defines the divergence for every path here (plain, chunked, top-k + tail) and for
+`learner.evaluate`; the chunked path builds its analytic gradient from the kernel's student part.
 
 Gradient (per token; u = student_logits / T, p = softmax(u), s = log p, q = teacher probs, t = log q;
 the derivative with respect to the logits is dL/du divided by T):
@@ -38,11 +40,10 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 # Above this many student-logit elements (16 MiB of fp32) the chunked path is used.
 CHUNK_THRESHOLD = 1 << 22
-# Default chunk: about 4 Mi elements (16 MiB fp32) per temporary, 27 rows at V=151936; the ~7
-# live chunk temporaries (~110 MiB) are small next to the [N, V] gradient. Smaller chunks fit the
+# Default chunk: about 4 Mi elements (16 MiB fp32) per temporary, 27 rows at V=151936; the few
+# live chunk temporaries (~100 MiB) are small next to the [N, V] gradient. Smaller chunks fit the
 # L3 better, but each torch op is an OpenMP parallel region whose barrier is costly when the cores
-# are oversubscribed (the rollout server shares them): measured on 2 busy cores (load ~7),
-# fwd+bwd took 148 / 123 / 110 / 94 ns per element at 6 / 13 / 27 / 48 rows per chunk.
+# are oversubscribed (the rollout server shares them), so on 2 busy cores larger chunks are faster.
 CHUNK_ELEMENTS = 1 << 22
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -121,21 +122,46 @@ def _wants_chunked(student: torch.Tensor, teacher: torch.Tensor, reduction: str)
     return reduction != "none" and not teacher.requires_grad and student.numel() >= CHUNK_THRESHOLD
 
 
-def _row_divergence(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-element divergence from student/teacher log-probs (same shape). Autograd-friendly."""
+def divergence_parts(
+    s: torch.Tensor, t: torch.Tensor, beta: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The divergence kernel: generalized JSD(beta) terms from student and teacher log-probs.
+
+    Args:
+        s: student log-probs, rows over the same bins as `t` (a vocabulary, or top-k + rest bins).
+        t: teacher log-probs, same shape (and dtype) as `s`.
+        beta: 0 gives KL(q || p), 1 gives KL(p || q); in between, with the mixture
+            M = beta q + (1 - beta) p, beta KL(q || M) + (1 - beta) KL(p || M).
+
+    Returns:
+        ``(student_part, teacher_part)``, per element, same shape as `s`: the student's terms
+        ``(1 - beta) p (s - log M)`` (``p (s - t)`` at beta = 1, None at beta = 0) and the
+        teacher's ``beta q (t - log M)`` (``q (t - s)`` at beta = 0, None at beta = 1). Their sum
+        over the last dim is the per-row divergence. Pure and autograd-friendly; `divergence` adds
+        the parts, the chunked path also builds its analytic gradient from the student part.
+    """
     if beta == 0.0:
-        return t.exp() * (t - s)
+        return None, t.exp() * (t - s)
     if beta == 1.0:
-        return s.exp() * (s - t)
+        return s.exp() * (s - t), None
     # log M in log space: the probabilities underflow long before the log-probs do.
     m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-    return beta * t.exp() * (t - m) + (1.0 - beta) * s.exp() * (s - m)
+    return (1.0 - beta) * s.exp() * (s - m), beta * t.exp() * (t - m)
+
+
+def divergence(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-element generalized JSD(beta) from log-probs `s` (student) and `t` (teacher), same shape;
+    each row sums to that row's divergence. The sum of `divergence_parts`."""
+    student, teacher = divergence_parts(s, t, beta)
+    if student is None:
+        return teacher
+    return student if teacher is None else student + teacher
 
 
 def _plain_jsd(student, teacher, mask, beta, temperature, reduction) -> torch.Tensor:
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    div = _row_divergence(s, t, beta)
+    div = divergence(s, t, beta)
     if mask is not None:
         div = div[mask]
     if reduction == "none":
@@ -159,46 +185,27 @@ def _chunk_loss_and_grad(s_logits, t_logits, beta, temperature, grad_out, scale)
     Computes in fp32 whatever the input dtype. ``grad_out`` is a view into the gradient buffer
     (the last op writes straight into it, casting to its dtype) or None for a value-only pass;
     ``scale`` is 1 / the reduction's denominator, folded in here to save a pass over [N, V].
-    Written for speed on CPU: in-place ops, ``vecdot`` instead of ``(a * b).sum()``, and the
-    mixture's log taken in probability space (``torch.logaddexp`` costs ~4x a ``log``); where
-    both probabilities underflow, M is clamped to the smallest normal float, which changes only
-    terms weighted by p or q < 1e-38.
+    The gradient comes from the kernel's student part (see the module docstring): with
+    a = student_part, dL/du = a - p * sum(a) for beta > 0, and p - q at beta = 0.
     """
     s = _log_softmax(s_logits, temperature)
     t = _log_softmax(t_logits, temperature)
-    p, q = s.exp(), t.exp()
-    if beta == 0.0:  # KL(q || p) = q.t - q.s;  dL/du = p - q
-        loss = _dot(q, t.sub_(s))
-        if grad_out is not None:
-            torch.sub(p, q, out=grad_out)
-            grad_out.mul_(scale / temperature)
-        return loss
-    if beta == 1.0:  # KL(p || q) = p.(s - t);  dL/du = p * (s - t - KL)
-        return _mixture_tail(p, s.sub_(t), scale / temperature, grad_out)
-    m = p.mul(1.0 - beta).add_(q, alpha=beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
-    kl_teacher = _dot(q, t.sub_(m))
-    kl_student = _mixture_tail(p, s.sub_(m), scale * (1.0 - beta) / temperature, grad_out)
-    return beta * kl_teacher + (1.0 - beta) * kl_student
-
-
-def _mixture_tail(p, d, coef, grad_out):
-    """sum over rows of KL_row = p.d, and grad_out = coef * p * (d - KL_row). Clobbers d."""
-    row = torch.linalg.vecdot(p, d)
+    student, teacher = divergence_parts(s, t, beta)
+    row_student = None if student is None else student.sum(-1)
+    loss = sum(x.sum(-1).sum() for x in (row_student, teacher) if x is not None)
     if grad_out is not None:
-        torch.mul(p, d.sub_(row[:, None]), out=grad_out)
-        grad_out.mul_(coef)
-    return row.sum()
+        p = s.exp_()
+        if student is None:
+            torch.sub(p, t.exp_(), out=grad_out)
+        else:
+            torch.sub(student, p.mul_(row_student[:, None]), out=grad_out)
+        grad_out.mul_(scale / temperature)
+    return loss
 
 
 def _log_softmax(logits, temperature):
     x = logits.float()
     return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
-
-
-def _dot(a, b):
-    # Not torch.dot: BLAS sdot accumulates in fp32 lanes (relative error ~1e-5 over 1M terms);
-    # a row-wise vecdot and then sum keeps ~1e-7.
-    return torch.linalg.vecdot(a, b).sum()
 
 
 def _chunk_spans(x: torch.Tensor, chunk: int):
@@ -247,3 +254,169 @@ class _ChunkedJSD(torch.autograd.Function):
         if not (grad_output.numel() == 1 and grad_output.item() == 1.0):
             grad.mul_(grad_output.to(grad.dtype))  # in place: no second [N, V] buffer
         return grad, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- a sparse (remote) teacher
+
+# Log of the smallest normal float32: the floor for a bin's log-mass. A bin whose mass rounds to
+# 0 or below (the rest bin when the top-k covers almost everything: 1 - sum is then ~1e-7 of
+# rounding noise, of either sign) keeps a finite log, so 0 * log 0 terms stay 0 instead of nan.
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def log_rest_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(topk_logprobs))) over the last dim, floored at log(float32 tiny).
+
+    -expm1(logsumexp) keeps the relative precision of a small rest mass (1 - sum in probability
+    space loses it); tiny negative rounding results are clamped to the floor.
+    """
+    covered = torch.logsumexp(topk_logprobs, dim=-1).clamp_max(0.0)
+    return torch.log((-torch.expm1(covered)).clamp_min(math.exp(_LOG_TINY)))
+
+
+def topk_tail_bins(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-masses over k + 1 bins: the teacher's top-k ids, then the rest.
+
+    Args:
+        student_logits: ``[n, V]``; divided by `temperature`, then a full log-softmax (the only
+            ``[n, V]`` intermediate).
+        topk_ids: ``[n, k]`` distinct token ids < V (the teacher's top-k at each position).
+        teacher_topk_logprobs: ``[n, k]`` the teacher's log-probs of those ids.
+
+    Returns:
+        ``(s_bins, t_bins)``, both ``[n, k + 1]`` log-masses (float32, or float64 for float64
+        logits); column k is the rest.
+    """
+    s = F.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    s_top = s.gather(-1, topk_ids)
+    t_top = _at_least_fp32(teacher_topk_logprobs).to(s_top.dtype)
+    s_bins = torch.cat([s_top, log_rest_mass(s_top)[:, None]], dim=-1)
+    t_bins = torch.cat([t_top, log_rest_mass(t_top)[:, None]], dim=-1)
+    return s_bins, t_bins
+
+
+def topk_tail_jsd_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Generalized JSD(beta) between the student and a teacher known only by its top-k.
+
+    The vocabulary is partitioned into k + 1 bins: one per teacher top-k id at that position, plus
+    one "rest" bin. The teacher's rest mass is 1 - sum of its top-k probabilities; the student's is
+    1 - sum of its own probabilities (from its full local softmax) over the same ids. The
+    divergence is the generalized JSD of these two coarse-grained distributions, computed exactly
+    by the same per-bin kernel as the full-vocabulary loss, so it is exact at every beta including
+    0 (KL(teacher || student)) and 1 (KL(student || teacher)). By the data-processing inequality
+    (the generalized JSD is an f-divergence) it never exceeds the full-vocabulary value, and it
+    equals it when the top-k is the whole vocabulary.
+
+    Precision: in float32 each rest mass carries ~1e-7 absolute rounding error, so a rest bin
+    below that is noise; its contribution is then at most ~1e-7 * |log float32 tiny| ~ 1e-5.
+    Pass float64 logits for more.
+
+    Args:
+        student_logits: ``[B, T, V]`` or ``[N, V]`` student logits (with grad).
+        topk_ids: same leading shape, ``[..., k]``: the teacher's top-k token ids (distinct, < V).
+        teacher_topk_logprobs: same shape as `topk_ids`: the teacher's log-probs of those ids, at
+            temperature 1 (vLLM's prompt logprobs).
+        labels: ``[B, T]`` / ``[N]``; positions equal to -100 are ignored. None: all count.
+        beta: mixture weight of the teacher, in [0, 1] (as in `generalized_jsd_loss`).
+        temperature: divides the student's logits only. The teacher's log-probs are taken as they
+            are; tempering them exactly would need the teacher's whole tail, so callers with a
+            remote teacher must refuse temperature != 1 (`shared.config.validate` does).
+        reduction: "batchmean" (sum / counted tokens, at least 1), "sum" or "none" (``[n]``
+            per-token divergences of the counted positions).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or ``[n]`` for "none".
+    """
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"reduction must be batchmean, sum or none, got {reduction!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if topk_ids.shape != teacher_topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"top-k ids {tuple(topk_ids.shape)} / logprobs {tuple(teacher_topk_logprobs.shape)} "
+            f"do not match student logits {tuple(student_logits.shape)}"
+        )
+    v = student_logits.shape[-1]
+    mask = _token_mask(student_logits, labels)
+    s_logits, ids, t_top = student_logits[mask], topk_ids[mask], teacher_topk_logprobs[mask]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+        raise ValueError(f"teacher top-k ids outside the student's vocabulary [0, {v})")
+    s_bins, t_bins = topk_tail_bins(s_logits, ids, t_top, temperature)
+    per_token = divergence(s_bins, t_bins, beta).sum(-1)
+    return _reduce_tokens(per_token, reduction)
+
+
+def sampled_rkl_loss(
+    student_logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    teacher_token_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Sampled-token reverse KL, trained with the score-function (REINFORCE) gradient.
+
+    On the student's own samples x ~ p_s, d(x) = log p_s(x) - log p_t(x) is a one-sample estimate
+    of KL(p_s || p_t) per token (as Tinker and prime-rl use it). Its gradient is
+    E_x[d(x) * grad log p_s(x)] (the other term, E_x[grad log p_s(x)], is 0), so the loss
+    returned is ``d + stopgrad(d) * (log p_s(x) - stopgrad(log p_s(x)))``: its value is the
+    estimate, its gradient ``stopgrad(d) * grad log p_s(x)``. Like theirs it is per-token: the
+    effect of a token on later positions' contexts is not credited. Valid only when the tokens are
+    the student's own samples at this policy (on-policy, lmbda = 1).
+
+    Args:
+        student_logits: ``[B, T, V]`` or ``[N, V]`` (with grad).
+        token_ids: ``[B, T]`` / ``[N]`` the sampled tokens (ignored where labels == -100; they
+            may be the labels themselves).
+        teacher_token_logprobs: same shape: log p_t(token) at temperature 1 (one number per token:
+            all a remote teacher needs to send).
+        labels: positions equal to -100 are ignored; None: all count.
+        temperature: divides the student's logits.
+        reduction: "batchmean" (mean over counted tokens), "sum" or "none" (``[n]``).
+
+    Returns:
+        A float32 scalar (or ``[n]`` for "none").
+    """
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"reduction must be batchmean, sum or none, got {reduction!r}")
+    mask = _token_mask(student_logits, labels)
+    logits = _at_least_fp32(student_logits[mask]) / temperature
+    ids = token_ids[mask].long()
+    # log p_s(x) without materialising a second [n, V]: logit(x) - logsumexp(logits).
+    logp = logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    d = (logp - teacher_token_logprobs[mask].to(logp.dtype)).detach()
+    per_token = d + d * (logp - logp.detach())
+    return _reduce_tokens(per_token, reduction)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _token_mask(student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    lead = student_logits.shape[:-1]
+    if labels is None:
+        return torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+    if labels.shape != lead:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape)}")
+    return labels != IGNORE_INDEX
+
+
+def _reduce_tokens(per_token: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total if reduction == "sum" else total / max(per_token.numel(), 1)

@@ -32,24 +32,28 @@ HELP = {
     "token": "Shared secret required on every request (default: env GKD_TOKEN).",
     "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading.",
     "dtype": "Serving dtype; auto = float32 on CPU (exact canary), bfloat16 on CUDA.",
-    "max_model_len": "Longest prompt + completion, in tokens.",
+    "max_model_len": "Longest prompt + completion, in tokens (default: the model's own limit).",
     "gpu_memory_utilization": "CUDA only: share of GPU memory vLLM may use.",
     "kv_cache_gb": "CPU only: KV cache size in GiB.",
     "max_lora_rank": "Largest adapter rank accepted.",
     "max_message_mb": "Messages larger than this are refused before they are buffered.",
     "http_port": "Serve an OpenAI-compatible endpoint on this port (off by default).",
-    "enforce_eager": "No CUDA graphs / torch.compile: faster start.",
+    "enforce_eager": "No CUDA graphs / torch.compile: faster start (default: on for CPU, off on GPU).",
+    "tensor_parallel_size": "GPUs per engine (vLLM tensor parallelism).",
+    "pristine_dtype": "dtype of each worker's pristine copy of the adaptable weights (merged mode).",
     "seed": "Engine seed.",
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "max_num_seqs": "Sequences decoded together per engine step.",
     "min_version_wait_s": "How long a request asking for a newer policy version waits for its push.",
+    "role": "student: sample the student and take adapter pushes; teacher: a frozen teacher that answers score requests and refuses pushes.",
+    "max_logprobs": "Largest top-k a score request may ask for (vLLM's max_logprobs).",
 }
 
 
 def build_parser():
-    from shared.config import _argkw, _Parser
+    from shared.config import Parser, argkw
 
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="The GKD rollout server: vLLM samples the student and reloads pushed LoRA adapters in place.",
         argument_default=None,
@@ -61,7 +65,7 @@ def build_parser():
         if name == "token":
             shown = "default: $GKD_TOKEN"
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **_argkw(typ))
+        p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **argkw(typ))
     p.add_argument(
         "--log_level",
         default="INFO",
@@ -98,11 +102,13 @@ def check(s: ServerSettings) -> ServerSettings:
     if s.http_port is not None and s.http_port == s.port:
         raise _Exit(f"--http_port must differ from --port ({s.port})")
     positive = {
-        "max_model_len": s.max_model_len,
+        "max_model_len": 1 if s.max_model_len is None else s.max_model_len,
+        "tensor_parallel_size": s.tensor_parallel_size,
         "kv_cache_gb": s.kv_cache_gb,
         "max_message_mb": s.max_message_mb,
         "max_num_seqs": s.max_num_seqs,
         "min_version_wait_s": s.min_version_wait_s,
+        "max_logprobs": s.max_logprobs,
     }
     for name, v in positive.items():
         if not v > 0:
@@ -113,7 +119,16 @@ def check(s: ServerSettings) -> ServerSettings:
         )
     if not 0 < s.gpu_memory_utilization <= 1:
         raise _Exit(f"--gpu_memory_utilization={s.gpu_memory_utilization} is invalid: must be in (0, 1]")
-    return msgspec.structs.replace(s, model=resolve_model(s.model))
+    s = msgspec.structs.replace(s, model=resolve_model(s.model))
+    from rollout_server.engine import model_context_len
+
+    limit = model_context_len(s.model)
+    if s.max_model_len is not None and limit is not None and s.max_model_len > limit:
+        raise _Exit(
+            f"--max_model_len {s.max_model_len} is above the model's own limit ({limit} tokens); "
+            "lower it, or omit --max_model_len to use the model's limit"
+        )
+    return s
 
 
 def resolve_model(model: str) -> str:
@@ -164,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(s: ServerSettings) -> int:
-    from rollout_server.zmq_server import PortInUse, ZmqServer
+    from rollout_server.zmq_server import PortInUse, Starting, ZmqServer
 
-    # Bind before the engine starts (20-90 s on CPU), so a taken port fails at once.
+    # Bind before the engine starts (20-90 s on CPU), so a taken port fails at once; until the
+    # engine is up, every request gets a one-line "starting" error (clients retry on it).
     try:
         zmq_server = ZmqServer(s.host, s.port, s.max_message_mb * 1024 * 1024)
     except (PortInUse, OSError) as e:
         raise _Exit(str(e)) from None
+    stop = threading.Event()
+    _on_signals(stop)
+    zmq_thread = threading.Thread(
+        target=zmq_server.serve, args=(Starting(s.model), stop), name="gkd-zmq", daemon=True
+    )
+    zmq_thread.start()
     http = None
-    resources: list[Any] = [zmq_server]
+    resources: list[Any] = []
     try:
         if s.http_port is not None:
             from rollout_server.openai_api import OpenAIServer
@@ -184,16 +206,14 @@ def serve(s: ServerSettings) -> int:
                     f"--http_port {s.http_port} on {s.host}: {e.strerror or e}; pick another port"
                 ) from None
             resources.append(http)
-        stop = threading.Event()
-        _on_signals(stop)
         t0 = time.perf_counter()
-        try:
-            from rollout_server.engine import VllmEngine
+        from rollout_server.engine import AsyncEngine, EngineStartError
 
-            engine = VllmEngine(s)
-        except Exception as e:  # noqa: BLE001 - the edge: one line (traceback with --log_level DEBUG)
+        try:
+            engine = AsyncEngine(s)
+        except EngineStartError as e:
             log.debug("engine start failed", exc_info=True)
-            raise _Exit(f"the vLLM engine failed to start: {type(e).__name__}: {e}") from None
+            raise _Exit(str(e)) from None
         resources.append(engine)
         from rollout_server.service import RolloutService
 
@@ -201,22 +221,28 @@ def serve(s: ServerSettings) -> int:
         resources.insert(0, service)
         if http is not None:
             http.start(service)
+        zmq_server.set_service(service)
         extra = f", OpenAI endpoint http://{s.host}:{s.http_port}/v1" if http else ""
         log.info(
-            "ready on %s (model %s, %s, sync_mode %s, engine start %.1f s%s)",
+            "ready on %s (model %s, %s, sync_mode %s, max_model_len %d, engine start %.1f s%s)",
             zmq_server.url,
             s.model,
             engine.dtype_name,
             s.sync_mode,
+            engine.max_model_len,
             time.perf_counter() - t0,
             extra,
         )
-        zmq_server.serve(service, stop)
+        while not stop.wait(0.5):
+            if not zmq_thread.is_alive():
+                raise _Exit("the ZeroMQ loop stopped unexpectedly; see the log above")
         log.info("stopping")
         return 0
     finally:
-        # The service first (its engine thread uses the engine), then transports, then the engine.
-        for r in resources:
+        stop.set()
+        zmq_thread.join(5)
+        # The service first (its requests use the engine), then transports, then the engine.
+        for r in [*resources[:1], zmq_server, *resources[1:]]:
             log.debug("closing %s", type(r).__name__)
             try:
                 r.close()

@@ -95,10 +95,10 @@ class OpenAIServer:
             raise HttpError(400, f"bad sampling parameter: {e}") from None
         if not (spec.temperature >= 0 and 0 < spec.top_p <= 1 and spec.max_new_tokens >= 1):
             raise HttpError(400, "need temperature >= 0, 0 < top_p <= 1, max_tokens >= 1")
-        max_len = self.service.settings.max_model_len
+        max_len = self.service.engine.max_model_len
 
-        def job(engine: Any) -> tuple[int, str, Any]:
-            # Tokenize on the engine thread too: one thread owns the tokenizer.
+        async def job(engine: Any) -> tuple[int, str, Any]:
+            # Tokenize on the engine loop too: one thread owns the tokenizer.
             tok = engine.tokenizer
             text = (
                 tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -113,10 +113,10 @@ class OpenAIServer:
                 if len(ids) + spec.max_new_tokens <= max_len
                 else _replace(spec, max_new_tokens=max_len - len(ids))
             )
-            out_text, comp = engine.generate_text(ids, s)
+            out_text, comp = await engine.generate_text(ids, s)
             return len(ids), out_text, comp
 
-        (n_prompt, text, comp), version = self.service.run_exclusive(job, timeout_s=600)
+        (n_prompt, text, comp), version = self.service.run_on_engine(job, timeout_s=600)
         usage = {
             "prompt_tokens": n_prompt,
             "completion_tokens": len(comp.token_ids),

@@ -1,10 +1,11 @@
-"""The pristine base weights and the turn from a pushed adapter into tensors the engine can load.
+"""Pushed adapters checked against the base model before anything reaches the engine, and the
+pristine weights the engine's workers merge into (read by `worker_ext.py` on each worker).
 
-Every check happens here, before the engine is touched: a reload that fails halfway leaves vLLM's
-model half-restored and the next generate kills the engine (measured-facts.md).
+Every check happens here, on the host, from the checkpoint's shapes alone: a reload that fails
+halfway leaves vLLM's model half-restored and its next step kills the engine.
 
-Merged mode: W' = W + scale * B @ A, always from the pristine fp32 W (never from the last merge), so
-rounding never accumulates over hundreds of pushes; the result is cast to the serving dtype.
+Merged mode: each worker computes W' = W + scale * B @ A, always from its pristine W (never from
+the last merge), so rounding never accumulates over hundreds of pushes.
 LoRA mode: the same validation, then the adapter is written to a fresh directory per version.
 """
 
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.adapters import AdapterError, lora_pairs, merge_lora, scale_of, sha256_hex, unpack, validate_pairs
+from shared.adapters import AdapterError, lora_pairs, scale_of, sha256_hex, unpack, validate_pairs
 from shared.messages import LoraSpec
 
 if TYPE_CHECKING:
@@ -23,66 +24,82 @@ if TYPE_CHECKING:
 
 # Weights an adapter may never target: embeddings / output head (tied in SmolLM2-like models).
 _NOT_ADAPTABLE = ("embed_tokens", "lm_head", "wte", "wpe")
+_FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
 class ChecksumError(AdapterError):
     """The adapter bytes do not hash to the pushed sha256."""
 
 
-def load_base(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read the linear weights (fp32, HF names) and their biases from the model's safetensors."""
-    import torch
-    from safetensors import safe_open
-
+def _files(model_dir: str) -> list[Path]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
             f"{model_dir}: no *.safetensors files; the rollout server needs safetensors weights"
         )
-    weights: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    for f in files:
+    return files
+
+
+def checkpoint_shapes(model_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{HF name: (shape, safetensors dtype)} of every tensor, from the file headers (no values)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in _files(model_dir):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                if any(part in name for part in _NOT_ADAPTABLE) or not name.endswith((".weight", ".bias")):
-                    continue
-                t = st.get_tensor(name)
-                if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point():
-                    weights[name] = t.to(torch.float32)
-                elif name.endswith(".bias") and t.dim() == 1:
-                    biases[name] = t
-    return weights, {k: v for k, v in biases.items() if k[: -len("bias")] + "weight" in weights}
+                sl = st.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
 
 
-class BaseWeights:
-    """The pristine copy of everything an adapter can touch, and what the engine currently holds."""
+def adaptable(shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, tuple[int, ...]]:
+    """The 2-D float linear weights an adapter may target, with their shapes."""
+    return {
+        name: shape
+        for name, (shape, dtype) in shapes.items()
+        if name.endswith(".weight")
+        and len(shape) == 2
+        and dtype in _FLOAT_DTYPES
+        and not any(part in name for part in _NOT_ADAPTABLE)
+    }
 
-    def __init__(
-        self,
-        model_dir: str,
-        serving_dtype: torch.dtype,
-        packed_modules: dict[str, list[str]],
-        keep_values: bool = True,
-    ):
-        self.pristine, self._biases = load_base(model_dir)
-        self.shapes = {k: tuple(v.shape) for k, v in self.pristine.items()}
-        if not keep_values:  # lora mode validates shapes only; don't hold a second copy of the model
-            self.pristine, self._biases = {}, {}
-        self.dtype = serving_dtype
-        # sub-module name -> all parts of the fused vLLM layer it belongs to (q_proj -> q, k, v).
-        self._siblings = {part: parts for parts in packed_modules.values() for part in parts}
-        self._dirty: set[str] = set()  # weights the engine holds merged (not pristine) right now
 
-    def check(
-        self, data: bytes, sha256: str, spec: LoraSpec, max_rank: int
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """All validation of a pushed adapter; returns its {base weight: (A, B)} pairs."""
-        import torch
+def read_pristine(model_dir: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The adaptable weights and their biases, as `dtype` on `device` (HF names)."""
+    from safetensors import safe_open
 
+    weights = adaptable(checkpoint_shapes(model_dir))
+    out = {}
+    for f in _files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name in weights or (name.endswith(".bias") and name[: -len("bias")] + "weight" in weights):
+                    out[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    return out
+
+
+class AdapterCheck:
+    """All validation of a pushed adapter, against the base model's checkpoint shapes."""
+
+    def __init__(self, model_dir: str):
+        self.all = checkpoint_shapes(model_dir)
+        self.shapes = adaptable(self.all)
+
+    @staticmethod
+    def _checksum(data: bytes, sha256: str) -> None:
         if sha256_hex(data) != sha256.lower():
             raise ChecksumError(
                 "adapter bytes do not match the pushed sha256 (corrupted in transit?); push it again"
             )
+
+    def lora(
+        self, data: bytes, sha256: str, spec: LoraSpec, max_rank: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A LoRA push; returns its {base weight: (A, B)} pairs."""
+        import torch
+
+        self._checksum(data, sha256)
         pairs = lora_pairs(unpack(data))
         validate_pairs(pairs, self.shapes, spec, max_rank)
         if not set(spec.target_modules) & {"all-linear", "all_linear"}:
@@ -100,33 +117,24 @@ class BaseWeights:
                 raise AdapterError(f"adapter for {weight!r} holds NaN or inf values")
         return pairs
 
-    def merged(
-        self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: LoraSpec
-    ) -> dict[str, torch.Tensor]:
-        """The tensors to load so that the engine holds exactly pristine + this adapter.
+    def full(self, data: bytes, sha256: str) -> None:
+        """A "full" push: whole float tensors under the checkpoint's own names and shapes."""
+        import torch
 
-        Besides the merged targets this includes (a) weights a previous adapter touched and this
-        one does not (back to pristine) and (b) every part (and bias) of each fused layer touched.
-        """
-        new = merge_lora(self.pristine, pairs, scale_of(spec), self.dtype)
-        names = set(new) | self._dirty
-        for name in list(names):
-            prefix, module = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-            for part in self._siblings.get(module, ()):
-                sib = f"{prefix}.{part}.weight"
-                if sib in self.pristine:
-                    names.add(sib)
-        out = {}
-        for name in sorted(names):  # sorted = grouped by layer, so vLLM buffers one layer at a time
-            out[name] = new[name] if name in new else self.pristine[name].to(self.dtype)
-            bias = name[: -len("weight")] + "bias"
-            if bias in self._biases:
-                out[bias] = self._biases[bias].to(self.dtype)
-        return out
-
-    def committed(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Record what the engine holds after a successful load."""
-        self._dirty = set(pairs)
+        self._checksum(data, sha256)
+        tensors = unpack(data)
+        if not tensors:
+            raise AdapterError("full push holds no tensors")
+        for name, t in tensors.items():
+            if name not in self.all:
+                raise AdapterError(f"full push holds {name!r}, which the model's checkpoint does not have")
+            shape = self.all[name][0]
+            if tuple(t.shape) != shape:
+                raise AdapterError(f"full push: {name!r} has shape {tuple(t.shape)}; the model's is {shape}")
+            if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise AdapterError(f"full push: {name!r} has dtype {t.dtype}; expected a float dtype")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"full push: {name!r} holds NaN or inf values")
 
 
 def write_adapter_dir(root: Path, version: int, data: bytes, spec: LoraSpec) -> Path:

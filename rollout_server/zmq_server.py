@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from shared.messages import ErrorReply, encode
+from shared.messages import STARTING, ErrorReply, decode_request, encode
 
 log = logging.getLogger("gkd.rollout_server")
 
@@ -57,7 +57,11 @@ class ZmqServer:
         self._closed = False
 
     def serve(self, service: Any, stop: threading.Event) -> None:
-        """Receive, hand to the service, send queued replies; returns when `stop` is set."""
+        """Receive, hand to the service, send queued replies; returns when `stop` is set.
+
+        `service` may be swapped later with `set_service` (the CLI serves a Starting placeholder
+        while the engine starts)."""
+        self.service = service
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -66,8 +70,11 @@ class ZmqServer:
             if self._wake_r in events:
                 _drain_pipe(self._wake_r)
             if self._sock in events:
-                self._receive(service)
+                self._receive(self.service)
             self._flush()
+
+    def set_service(self, service: Any) -> None:
+        self.service = service  # one attribute store: atomic for the loop thread
 
     def _receive(self, service: Any) -> None:
         for _ in range(64):  # then flush replies, so a flood of requests cannot starve them
@@ -111,6 +118,20 @@ class ZmqServer:
         self._ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+class Starting:
+    """Answers every request while the engine starts: a clear "starting" error, no waiting."""
+
+    def __init__(self, model: str):
+        self.message = f"the rollout server is starting its engine (model {model}); retry in a few seconds"
+
+    def handle_bytes(self, data: bytes, reply: Any) -> None:
+        try:
+            rid = getattr(decode_request(data).body, "request_id", "")
+        except Exception:  # noqa: BLE001 - any undecodable message gets the same answer
+            rid = ""
+        reply(encode(ErrorReply(code=STARTING, message=self.message, request_id=rid)))
 
 
 def _drain_pipe(fd: int) -> None:

@@ -21,13 +21,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import msgspec
 
 
-def _f(default: Any, help: str) -> Any:
-    """A struct field with its help text (shown by `--help`)."""
-    if isinstance(default, (list, dict)):
-        return msgspec.field(default_factory=lambda d=default: type(d)(d))
-    return msgspec.field(default=default)
-
-
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_name_or_path: str | None = None
     teacher_model_name_or_path: str | None = None
@@ -430,7 +423,7 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -442,13 +435,13 @@ def build_parser(
     prog: str, description: str, extra: list[tuple[str, dict]] | None = None
 ) -> argparse.ArgumentParser:
     """One flag per config field, named exactly like the field (the seed's names)."""
-    p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML or TOML config file; flags override it.")
     for sec, cls in SECTIONS.items():
         grp = p.add_argument_group(sec)
         defaults = cls()
         for name, typ in get_type_hints(cls).items():
-            kw = _argkw(typ)
+            kw = argkw(typ)
             if name in _BARE_VALUE:  # TRL: `--resume_from_checkpoint` alone means the latest one
                 kw.update(nargs="?", const=_BARE_VALUE[name])
             # The seed's spelling (underscores) first; the dashed spelling is accepted too.
@@ -464,7 +457,8 @@ def build_parser(
 _BARE_VALUE = {"resume_from_checkpoint": "true"}
 
 
-def _argkw(typ: Any) -> dict[str, Any]:
+def argkw(typ: Any) -> dict[str, Any]:
+    """argparse keywords for a field of type `typ` (Literal -> choices, bool -> optional value, list -> nargs)."""
     args = [a for a in get_args(typ) if a is not type(None)]
     base = args[0] if get_origin(typ) is not None and args and get_origin(typ) is not Literal else typ
     if get_origin(typ) is Literal:

@@ -115,18 +115,66 @@ class Status(msgspec.Struct, tag="status_reply", kw_only=True):
     # server that runs another model before it pushes anything; "" from a server that cannot tell.
     model_fingerprint: str = ""
     role: str = "student"  # "student" (samples, takes pushes) or "teacher" (scores, refuses pushes)
+    # sha256 of the served vocabulary (shared.vocab.tokenizer_fingerprint); "" from a server that cannot tell.
+    tokenizer_fingerprint: str = ""
+
+
+class ScoreSequence(msgspec.Struct, kw_only=True):
+    """One sequence for the teacher to score: a prompt and the completion that follows it."""
+
+    prompt_ids: list[int]  # the prompt, tokenized like the student's (at least 1 token)
+    completion_ids: list[int]  # the tokens whose positions are scored (at least 1 token)
+
+
+class ScoreRequest(msgspec.Struct, tag="score", kw_only=True):
+    """Ask a teacher server for its next-token distribution at every completion position."""
+
+    request_id: str  # caller's id, echoed back in the ScoreReply
+    sequences: list[ScoreSequence]  # the batch; scores come back in the same order
+    k: int = 20  # top-k entries per position, 1 <= k <= the teacher server's --max_logprobs
+
+
+class SequenceScores(msgspec.Struct, kw_only=True):
+    """The teacher's view of one sequence; row i is the position that predicts completion_ids[i]."""
+
+    # len(completion_ids) rows of exactly k distinct ids each, most likely first.
+    topk_ids: list[list[int]]
+    # Same shape as topk_ids: log p_teacher(id | prompt, completion[:i]) at temperature 1.
+    topk_logprobs: list[list[float]]
+    # len(completion_ids): log p_teacher(completion_ids[i] | prompt, completion[:i]), temperature 1
+    # (present whether or not that token is in the top-k).
+    token_logprobs: list[float]
+
+
+class ScoreReply(msgspec.Struct, tag="scored", kw_only=True):
+    """Teacher scores for a ScoreRequest."""
+
+    request_id: str  # ScoreRequest.request_id
+    scores: list[SequenceScores]  # same length and order as ScoreRequest.sequences
+    model: str  # the teacher model the server runs (its path or hub id)
+    # sha256 of the teacher's vocabulary (shared.vocab.tokenizer_fingerprint); the learner refuses a
+    # teacher whose value differs from its student tokenizer's.
+    tokenizer_fingerprint: str
+    score_s: float = 0.0  # wall seconds the engine spent on this request
+
+
+# ErrorReply.code of a server whose port is up while its engine still starts; clients retry.
+STARTING = "starting"
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
     """A request failed; the server keeps running."""
 
-    code: str  # short machine-readable kind: bad_request, unauthorized, checksum, invalid_adapter, too_large, internal
+    # short machine-readable kind: bad_request, unauthorized, checksum, invalid_adapter, too_large,
+    # internal, teacher_role (a push sent to a teacher server), not_teacher (a score sent to a student),
+    # starting (the engine is still starting: retry)
+    code: str
     message: str  # one human-readable line saying what was wrong and what to do
     request_id: str = ""  # the failing request's id, when it had one
 
 
-Request = GenerateRequest | PushAdapter | StatusRequest
-Reply = GenerateReply | PushReply | Status | ErrorReply
+Request = GenerateRequest | PushAdapter | StatusRequest | ScoreRequest
+Reply = GenerateReply | PushReply | Status | ScoreReply | ErrorReply
 
 
 class Envelope(msgspec.Struct, kw_only=True):

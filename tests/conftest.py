@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+
+from shared import procs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,15 +63,9 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("tiny_data") / "train.jsonl", n=32)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def free_port():
-    return _free_port
+    return procs.free_port
 
 
 # ---------------------------------------------------------------- rollout server processes
@@ -110,43 +104,28 @@ class ServerProc:
         return ZmqClient(self.url, **kw)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return procs.stop(self.proc, grace_s=timeout_s)
 
 
 def start_server(model: Path, log_path: Path, *, ready_timeout_s: float = 400.0, **flags: Any) -> ServerProc:
     """Start `python -m rollout_server` on free loopback ports and wait for its 'ready' line."""
     flags = dict(flags)
-    port = flags.pop("port", None) or _free_port()
+    port = flags.pop("port", None) or procs.free_port()
     http_port = flags.get("http_port")
     cmd = [sys.executable, "-m", "rollout_server", "--model", str(model), "--port", str(port)]
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
-    env.pop("GKD_TOKEN", None)
-    log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    log_f.close()
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO), "GKD_TOKEN": None}
+    proc = procs.start(cmd, log_path, env, cwd=REPO)
     srv = ServerProc(
         args=flags, port=port, http_port=http_port, token=flags.get("token"), log_path=log_path, proc=proc
     )
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if "gkd-rollout-server: ready" in srv.log():
-            return srv
-        if not srv.alive():
-            pytest.fail(f"rollout server exited with {proc.returncode} before ready:\n{srv.log()[-3000:]}")
-        time.sleep(0.5)
-    srv.stop()
-    pytest.fail(f"rollout server not ready after {ready_timeout_s:.0f} s:\n{srv.log()[-3000:]}")
+    try:
+        procs.wait_for_line(proc, log_path, "gkd-rollout-server: ready", ready_timeout_s, "rollout server")
+    except procs.ProcessFailed as e:
+        srv.stop()
+        pytest.fail(str(e))
+    return srv
 
 
 class ServerPool:
@@ -167,7 +146,7 @@ class ServerPool:
             return cur
         self.stop()
         args = dict(want)
-        args.setdefault("http_port", _free_port())  # every server also serves the OpenAI endpoint
+        args.setdefault("http_port", procs.free_port())  # every server also serves the OpenAI endpoint
         self.starts += 1
         self.current = start_server(self.model, self.log_dir / f"server-{self.starts}.log", **args)
         self._key = want
@@ -398,7 +377,7 @@ class Relay:
 
 
 def start_relay(target_port: int, *, corrupt_min_bytes: int = 0) -> Relay:
-    port = _free_port()
+    port = procs.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", RELAY_SRC, str(port), str(target_port), str(corrupt_min_bytes)],
         stdout=subprocess.PIPE,
@@ -470,21 +449,9 @@ def learner_env() -> dict[str, str]:
     return env
 
 
-def start_learner(argv: list[str], log_path: Path, **popen_kw: Any) -> subprocess.Popen:
+def start_learner(argv: list[str], log_path: Path) -> subprocess.Popen:
     """Start a learner process (its own session, stdout+stderr to log_path); stop it by PID."""
-    log_f = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed with it
-    try:
-        return subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=learner_env(),
-            stdout=log_f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **popen_kw,
-        )
-    finally:
-        log_f.close()
+    return procs.start(argv, log_path, learner_env(), cwd=REPO)
 
 
 def kill_pid(proc: subprocess.Popen) -> None:

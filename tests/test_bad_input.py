@@ -141,11 +141,11 @@ def learner(
 
 
 def _free_port_url(c: Ctx, out: Path) -> list[str]:
-    from conftest import _free_port
+    from shared.procs import free_port
 
     return learner(server=False)(c, out) + [
         "--rollout_url",
-        f"tcp://127.0.0.1:{_free_port()}",
+        f"tcp://127.0.0.1:{free_port()}",
         "--reconnect_deadline_s",
         "3",
     ]

@@ -101,26 +101,15 @@ def test_quality_lines_say_pass_and_fail():
 
 def test_user_text_is_taken_from_the_chat_template():
     templated = "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n"
-    assert report._user_text(templated) == "Why is the sky blue?"
+    assert report.user_text(templated) == "Why is the sky blue?"
 
 
 def test_quick_overrides_shorten_the_configured_run():
     from demo import run
 
-    full = run._config_steps(run.CONFIG, [])
-    quick = run._config_steps(run.CONFIG, run.QUICK_OVERRIDES)
+    full = run.config_steps(run.CONFIG, [])
+    quick = run.config_steps(run.CONFIG, run.QUICK_OVERRIDES)
     assert 0 < quick < full
-
-
-def test_stop_ends_the_child_and_everything_it_spawned(tmp_path):
-    """The demo stops what it started by process group: a grandchild must not outlive it."""
-    from demo.procs import _group_alive, spawn, stop
-
-    proc = spawn(["bash", "-c", "sleep 60 & sleep 60"], tmp_path / "child.log")
-    assert _group_alive(proc.pid)
-    stop(proc, grace_s=5)
-    assert proc.poll() is not None and not _group_alive(proc.pid)
-    stop(proc)  # idempotent
 
 
 def test_link_tree_copies_a_model_directory(tmp_path):

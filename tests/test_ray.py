@@ -7,11 +7,9 @@ by its own PIDs at the end: never `ray stop`, which would stop every cluster on 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import hf_logprobs
+
+from shared import procs
 
 pytestmark = pytest.mark.slow
 
@@ -79,47 +79,17 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _wait_http(url: str, deadline_s: float, proc: subprocess.Popen, log: Path) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"Ray dashboard at {url} not up after {deadline_s}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM our process group, then SIGKILL everything we started that is still alive.
-
-    Ray workers get their own process groups, so the descendants are snapshotted first and
-    killed by PID; SIGTERM alone leaves gcs_server and the monitor running (measured-facts.md).
-    """
-    import psutil
-
+def _http_ok(url: str) -> bool:
     try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait(timeout=30)
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(server_pool):
-    server_pool.stop()  # the machine rule: one vLLM engine at a time, and ours live in the cluster
+    server_pool.stop()  # one vLLM engine at a time fits 2 cores and 24 GiB; ours live in the cluster
     # A short temp dir: Ray's unix sockets live under it and paths over 107 bytes fail.
     tmp = Path(tempfile.mkdtemp(prefix="gkdray-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -147,14 +117,15 @@ def ray_cluster(server_pool):
         "--temp-dir", str(tmp / "ray"),
     ]  # fmt: skip
     log = tmp / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = procs.start(cmd, log, {**{k: None for k in os.environ if k.startswith("RAY_")}, **env})
     try:
         address = f"http://127.0.0.1:{dash}"
-        _wait_http(f"{address}/api/version", 120, proc, log)
+        procs.wait_for(proc, log, lambda: _http_ok(f"{address}/api/version"), 120, "ray start", poll_s=1)
         yield Cluster(address=address, gcs=f"127.0.0.1:{gcs}", env=env, proc=proc, tmp=tmp)
     finally:
-        _stop(proc)
+        # Ray workers get process groups of their own and SIGTERM alone leaves gcs_server and the
+        # monitor running: procs.stop SIGKILLs every descendant still alive after the grace period.
+        procs.stop(proc, grace_s=5)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -258,10 +229,11 @@ def test_ray_transport_round_trip_and_errors(ray_cluster, tiny, make_adapter):
     """RayClient against a RolloutActor directly: generate, push, and every error mapped to ours."""
     import ray
 
+    from rollout_server.ray_actor import start_rollout_actor
     from rollout_server.settings import ServerSettings
     from shared.messages import GenerateRequest, Prompt, SamplingSpec
     from shared.transport import RemoteError, ServerUnavailable, connect
-    from shared.transport.ray_transport import NAMESPACE, start_rollout_actor
+    from shared.transport.ray_transport import NAMESPACE
 
     adapter = make_adapter()
     canary = [5, 6, 7, 8, 9, 10]

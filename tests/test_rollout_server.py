@@ -97,53 +97,64 @@ def test_server_help_is_fast_and_light():
 
 
 class RecordingEngine:
-    """Stands in for vLLM so the service's queueing rules can be checked in milliseconds, without
-    an engine start (the real engine is exercised by the slow tests below). It fails loudly if a
-    reload overlaps a generate call, and answers with the number of reloads it has seen, so a
-    reply's tokens show which weights produced them."""
+    """Stands in for vLLM's AsyncLLM so the service's scheduling rules can be checked in
+    milliseconds, without an engine start (the real engine is exercised by the slow tests below).
+    It runs its coroutines on a loop thread of its own like the real one, fails loudly if a reload
+    overlaps a running sequence, and answers with the number of reloads it has seen, so a reply's
+    tokens show which weights produced them."""
 
     dtype_name = "float32"
     vocab_size = 384
+    max_model_len = 1024
+    alive = True
 
     def __init__(self, gen_s: float = 0.05):
-        import torch
+        import asyncio
 
-        self.dtype = torch.float32
         self.gen_s = gen_s
         self.loads = 0
-        self.busy = False
-        self.calls: list[int] = []  # prompts per generate call
-        self.loaded: list[dict] = []  # the tensors of each load_merged call
+        self.live = 0  # sequences running now
+        self.max_live = 0
+        self.reloading = False
+        self.loaded: list[tuple[str, bytes, float]] = []  # the payload of each reload
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
 
-    def packed_modules(self) -> dict[str, list[str]]:
-        return {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    async def generate(self, prompt_id, ids, spec):
+        import asyncio
 
-    def generate(self, prompts, specs):
         from shared.messages import Completion
 
-        assert not self.busy, "generate overlapped another engine call"
-        self.busy, seen = True, self.loads
-        self.calls.append(len(prompts))
-        time.sleep(self.gen_s)
-        self.busy = False
-        assert self.loads == seen, "weights changed during a generate call"
-        return [
-            Completion(
-                prompt_id=p.prompt_id, token_ids=[seen, seen], logprobs=[-0.1, -0.2], finish_reason="length"
-            )
-            for p in prompts
-        ]
+        assert not self.reloading, "a sequence started during a reload"
+        seen = self.loads
+        self.live += 1
+        self.max_live = max(self.max_live, self.live)
+        try:
+            await asyncio.sleep(self.gen_s)
+        finally:
+            self.live -= 1
+        assert self.loads == seen, "weights changed under a running sequence"
+        return Completion(
+            prompt_id=prompt_id, token_ids=[seen, seen], logprobs=[-0.1, -0.2], finish_reason="length"
+        )
 
-    def load_merged(self, weights):
-        assert not self.busy, "reload overlapped a generate call"
-        self.busy = True
-        time.sleep(0.01)
-        self.loaded.append(weights)
+    async def reload(self, kind, data, scale):
+        import asyncio
+
+        assert self.live == 0, "reload overlapped a running sequence"
+        self.reloading = True
+        await asyncio.sleep(0.01)
+        self.loaded.append((kind, data, scale))
         self.loads += 1
-        self.busy = False
+        self.reloading = False
 
-    def score(self, ids):
+    async def score(self, ids):
         return [-1.0] * (len(ids) - 1)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
 
 
 @pytest.fixture
@@ -156,12 +167,13 @@ def local_service(tiny_models):
     def make(gen_s: float = 0.05, **kw):
         engine = RecordingEngine(gen_s)
         svc = RolloutService(engine, ServerSettings(model=str(tiny_models.student), max_lora_rank=32, **kw))
-        made.append(svc)
+        made.append((svc, engine))
         return svc, engine
 
     yield make
-    for svc in made:
+    for svc, engine in made:
         svc.close()
+        engine.close()
 
 
 def _small_request(rid: str, n: int = 2, min_version: int = 0) -> GenerateRequest:
@@ -173,7 +185,7 @@ def _small_request(rid: str, n: int = 2, min_version: int = 0) -> GenerateReques
     )
 
 
-def test_service_batches_waiting_requests_and_pushes_between_batches(local_service, make_adapter):
+def test_service_runs_requests_together_and_pushes_between_them(local_service, make_adapter):
     from shared.transport.inproc import InprocClient
 
     svc, engine = local_service(gen_s=0.5)
@@ -182,17 +194,20 @@ def test_service_batches_waiting_requests_and_pushes_between_batches(local_servi
     first = c.submit(_small_request("a", n=3))
     time.sleep(0.1)  # "a" is in the engine now
     queued = [c.submit(_small_request(r, n=2)) for r in ("b", "c")]
+    time.sleep(0.1)
     push = threading.Thread(target=lambda: c.push_adapter(adapter.push(1)))
     push.start()
-    time.sleep(0.1)  # the push is queued behind b and c
+    time.sleep(0.1)  # the push waits for a, b and c to finish
     late = c.submit(_small_request("d", n=1))
     replies = [c.result(r) for r in (first, *queued, late)]
     push.join()
-    # a alone; b+c together (consecutive); the push alone; d after it, on the new weights.
-    assert engine.calls == [3, 4, 1]
+    # Every prompt of a, b and c ran at once (each prompt is its own engine request, whatever
+    # request it came in); the push ran after them; d waited for it and ran on the new weights.
+    assert engine.max_live == 7
     assert [r.policy_version for r in replies] == [0, 0, 0, 1]
     for r in replies:
         assert all(comp.token_ids == [r.policy_version] * 2 for comp in r.completions)
+    assert engine.loaded[0][0] == "lora" and engine.loaded[0][1] == adapter.data
 
 
 def test_service_never_mixes_versions_under_concurrent_pushes(local_service, make_adapter):
@@ -226,33 +241,86 @@ def test_service_never_mixes_versions_under_concurrent_pushes(local_service, mak
     assert {r.policy_version for r in replies} > {0}  # pushes really happened during generation
 
 
-def test_merged_reload_sends_whole_fused_layers_and_restores_untouched_weights(local_service, make_adapter):
+def _stub_worker(model_dir):
+    """A stand-in for vLLM's worker with WorkerExt's methods: records what reload_weights gets."""
+    import types
+
     import torch
 
-    from shared.transport.inproc import InprocClient
+    from rollout_server.worker_ext import WorkerExt
 
-    svc, engine = local_service()
-    c = InprocClient(service=svc, timeout_s=30)
-    pristine = svc.base.pristine
-    c.push_adapter(make_adapter(r=4, seed=0, targets=("q_proj", "down_proj")).push(1))
-    first = engine.loaded[-1]
+    class Stub(WorkerExt):
+        def __init__(self):
+            mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+            self.model_runner = types.SimpleNamespace(
+                model=types.SimpleNamespace(packed_modules_mapping=mapping)
+            )
+            self.vllm_config = types.SimpleNamespace(
+                model_config=types.SimpleNamespace(model=str(model_dir), dtype=torch.float32)
+            )
+            self.device = torch.device("cpu")
+            self.loaded: list[dict] = []
+
+        def reload_weights(self, weights_iterator, is_checkpoint_format):
+            assert is_checkpoint_format
+            self.loaded.append(dict(weights_iterator))
+
+    w = Stub()
+    w.gkd_setup("float32", "merged")
+    return w
+
+
+def test_worker_reload_sends_whole_fused_layers_and_restores_untouched_weights(tiny_models, make_adapter):
+    import torch
+
+    from shared.adapters import lora_pairs, merge_lora, scale_of, unpack
+
+    w = _stub_worker(tiny_models.student)
+    pristine = {k: v.clone() for k, v in w._gkd_pristine.items()}
+    a1 = make_adapter(r=4, seed=0, targets=("q_proj", "down_proj"))
+    w.gkd_apply("lora", a1.data, scale_of(a1.lora))
+    first = w.loaded[-1]
+    expect = merge_lora(pristine, lora_pairs(unpack(a1.data)), scale_of(a1.lora), torch.float32)
     # q_proj changes; k/v ride along (vLLM repacks the fused qkv layer only when it has all parts).
     for layer in range(2):
         pre = f"model.layers.{layer}"
         assert {f"{pre}.self_attn.{m}_proj.weight" for m in "qkv"} <= set(first)
-        assert not torch.equal(
-            first[f"{pre}.self_attn.q_proj.weight"], pristine[f"{pre}.self_attn.q_proj.weight"]
-        )
-        assert torch.equal(
-            first[f"{pre}.self_attn.k_proj.weight"], pristine[f"{pre}.self_attn.k_proj.weight"]
-        )
+        q = f"{pre}.self_attn.q_proj.weight"
+        assert torch.equal(first[q], expect[q]) and not torch.equal(first[q], pristine[q])
+        k = f"{pre}.self_attn.k_proj.weight"
+        assert torch.equal(first[k], pristine[k])
         assert f"{pre}.mlp.gate_proj.weight" not in first
-    c.push_adapter(make_adapter(r=4, seed=1, targets=("q_proj",)).push(2))
-    second = engine.loaded[-1]
+    a2 = make_adapter(r=4, seed=1, targets=("q_proj",))
+    w.gkd_apply("lora", a2.data, scale_of(a2.lora))
+    second = w.loaded[-1]
     # down_proj is no longer adapted: it must go back to the pristine weights.
-    assert torch.equal(
-        second["model.layers.0.mlp.down_proj.weight"], pristine["model.layers.0.mlp.down_proj.weight"]
-    )
+    d = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(second[d], pristine[d])
+    # An empty push restores everything the last one touched.
+    w.gkd_apply("lora", b"", 0.0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(w.loaded[-1][q], pristine[q])
+
+
+def test_worker_full_push_replaces_pristine_tensors(tiny_models, make_adapter):
+    import torch
+
+    from shared.adapters import pack, scale_of
+
+    w = _stub_worker(tiny_models.student)
+    up = "model.layers.1.mlp.up_proj.weight"
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    new_up = torch.randn_like(w._gkd_pristine[up])
+    new_norm = torch.full((128,), 0.5)
+    w.gkd_apply("full", pack({up: new_up, norm: new_norm}), 0.0)
+    got = w.loaded[-1]
+    assert torch.equal(got[up], new_up) and torch.equal(got[norm], new_norm)
+    assert "model.layers.1.mlp.gate_proj.weight" in got  # the fused gate_up layer, whole
+    # A later LoRA push merges into the new values, not the checkpoint's.
+    a = make_adapter(r=4, seed=0, targets=("up_proj",))
+    w.gkd_apply("lora", a.data, scale_of(a.lora))
+    assert torch.equal(w._gkd_pristine[up], new_up)
+    assert not torch.equal(w.loaded[-1][up], new_up)
 
 
 def test_service_min_version_timeout_token_and_shutdown(local_service):

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared.messages import GenerateReply, GenerateRequest, PushAdapter, PushReply, Status
+from shared.messages import (
+    STARTING,
+    ErrorReply,
+    GenerateReply,
+    GenerateRequest,
+    PushAdapter,
+    PushReply,
+    ScoreReply,
+    ScoreRequest,
+    Status,
+)
 
 
 class RemoteError(RuntimeError):
@@ -18,6 +28,21 @@ class RemoteError(RuntimeError):
 
 class ServerUnavailable(ConnectionError):
     """No answer from the server within the timeout (down, restarting or unreachable)."""
+
+
+def expect_reply(reply: Any, kind: type) -> Any:
+    """`reply` if it is a `kind`; otherwise raise: an exception stands for itself, an ErrorReply
+    becomes RemoteError(code), any other reply type is a `bad_reply` RemoteError."""
+    if isinstance(reply, BaseException):
+        raise reply
+    if isinstance(reply, ErrorReply) and reply.code == STARTING:
+        # The port answers while the engine starts: the same as no server yet, so callers retry.
+        raise ServerUnavailable(reply.message)
+    if isinstance(reply, ErrorReply):
+        raise RemoteError(reply.code, reply.message)
+    if not isinstance(reply, kind):
+        raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
+    return reply
 
 
 class RolloutClient(Protocol):
@@ -44,6 +69,18 @@ class RolloutClient(Protocol):
         ...
 
     def status(self, timeout_s: float | None = None) -> Status: ...
+
+    def submit_score(self, req: ScoreRequest) -> str:
+        """Send a score request to a teacher server (returns at once); returns its request_id."""
+        ...
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        """Block until the ScoreReply for `request_id` arrives (RemoteError / ServerUnavailable otherwise)."""
+        ...
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        """submit_score + score_result."""
+        ...
 
     def close(self) -> None:
         """Release sockets / handles. Idempotent."""

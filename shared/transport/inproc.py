@@ -13,17 +13,18 @@ from typing import Any
 
 from shared.messages import (
     Envelope,
-    ErrorReply,
     GenerateReply,
     GenerateRequest,
     PushAdapter,
     PushReply,
+    ScoreReply,
+    ScoreRequest,
     Status,
     StatusRequest,
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable
+from shared.transport.base import ServerUnavailable, expect_reply
 
 
 class InprocClient:
@@ -54,19 +55,16 @@ class InprocClient:
                     f"no reply from the in-process rollout service within {timeout:.0f} s"
                 )
             data = self._replies.pop(key)
-        reply = decode_reply(data)
-        if isinstance(reply, ErrorReply):
-            raise RemoteError(reply.code, reply.message)
-        return reply
+        return decode_reply(data)
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         self._send(req, req.request_id)
         return req.request_id
 
     def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
-        return self._expect(self._wait(request_id, timeout_s), GenerateReply)
+        return expect_reply(self._wait(request_id, timeout_s), GenerateReply)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
@@ -74,18 +72,20 @@ class InprocClient:
     def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
         key = "push-" + uuid.uuid4().hex
         self._send(msg, key)
-        return self._expect(self._wait(key, timeout_s), PushReply)
+        return expect_reply(self._wait(key, timeout_s), PushReply)
 
     def status(self, timeout_s: float | None = None) -> Status:
         key = "status-" + uuid.uuid4().hex
         self._send(StatusRequest(), key)
-        return self._expect(self._wait(key, timeout_s), Status)
+        return expect_reply(self._wait(key, timeout_s), Status)
+
+    submit_score = submit  # score requests carry an id too
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return expect_reply(self._wait(request_id, timeout_s), ScoreReply)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         self._closed = True
-
-    @staticmethod
-    def _expect(reply: Any, kind: type) -> Any:
-        if not isinstance(reply, kind):
-            raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
-        return reply

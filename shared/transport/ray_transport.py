@@ -1,110 +1,42 @@
-"""The Ray transport: the rollout service as a named Ray actor, bytes in and bytes out.
+"""The Ray transport's client side: the rollout service as a named Ray actor, bytes in and bytes out.
 
-`RolloutActor` builds the vLLM engine and the RolloutService inside the actor (in-process vLLM) and
-exposes one method, `call(data: bytes) -> bytes`: an encoded Envelope in, an encoded Reply out. Only
-msgpack bytes cross the actor boundary (the settings too), so nothing of ours is ever pickled; Ray
-moves payloads over ~100 KB (adapters, rollout batches) through its object store.
+The actor itself (`rollout_server.ray_actor.RolloutActor`) exposes one method,
+`call(data: bytes) -> bytes`: an encoded Envelope in, an encoded Reply out. Only msgpack bytes cross
+the actor boundary, so nothing of ours is ever pickled; Ray moves payloads over ~100 KB (adapters,
+rollout batches) through its object store.
 
 `RayClient` is the learner's side (`--rollout_url ray://<actor name>`); it implements
 `shared.transport.base.RolloutClient` exactly like the ZeroMQ client: `submit` returns at once and
 keeps the ObjectRef, `result` waits for it with a timeout.
 
-Ray is imported lazily: importing this module costs nothing until an actor or client is made.
+Ray is imported lazily: importing this module costs nothing until a client is made.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from shared.messages import (
     Envelope,
-    ErrorReply,
     GenerateReply,
     PushReply,
+    ScoreReply,
     Status,
     StatusRequest,
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable
+from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
 
 if TYPE_CHECKING:
-    from rollout_server.settings import ServerSettings
-    from shared.messages import GenerateRequest, PushAdapter, Request
+    from shared.messages import GenerateRequest, PushAdapter, Request, ScoreRequest
 
 # Named actors live in a namespace; a fixed one lets any driver on the cluster find the server
 # (a job's default namespace is anonymous and private to that job).
 NAMESPACE = "gkd"
-
-# Concurrent `call`s an actor accepts: enough for the learner's in-flight generates plus a push and
-# status polls. The service queues them for its single engine thread.
-MAX_CONCURRENCY = 16
-
-
-class RolloutActor:
-    """The rollout server inside a Ray actor (wrapped with `ray.remote` by `start_rollout_actor`)."""
-
-    def __init__(self, settings_msgpack: bytes):
-        # The engine must be in-process: Ray already isolates the actor in its own worker process,
-        # and merged weights then reach the model by reference (measured-facts.md).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from rollout_server.cli import check
-        from rollout_server.engine import VllmEngine
-        from rollout_server.service import RolloutService
-        from rollout_server.settings import ServerSettings
-
-        # The server CLI's own checks; a hub id is fetched here, on the actor's node.
-        settings = check(msgspec.msgpack.decode(settings_msgpack, type=ServerSettings))
-        self._service = RolloutService(VllmEngine(settings), settings)
-
-    def call(self, data: bytes) -> bytes:
-        """One encoded Envelope in, its encoded Reply out (the service answers exactly once)."""
-        done: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-        self._service.handle_bytes(data, done.set_result)
-        return done.result()
-
-
-def settings_env(settings: ServerSettings) -> dict[str, str]:
-    """Env vars the actor's worker needs before vLLM is imported."""
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(settings.kv_cache_gb))),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def start_rollout_actor(
-    settings: ServerSettings,
-    name: str,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
-    *,
-    namespace: str = NAMESPACE,
-    max_concurrency: int = MAX_CONCURRENCY,
-) -> Any:
-    """Create the named rollout actor and return its handle at once (the engine starts inside).
-
-    The actor is owned by the calling driver: it dies with it, so a finished or failed job never
-    leaves a vLLM engine holding GPUs. A client's first call waits for the engine to come up.
-    """
-    import ray
-
-    cls = ray.remote(RolloutActor)
-    return cls.options(
-        name=name,
-        namespace=namespace,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        max_concurrency=max_concurrency,
-        max_restarts=0,  # a restarted engine would serve the base model under a stale version
-        runtime_env={"env_vars": settings_env(settings)},
-    ).remote(msgspec.msgpack.encode(settings))
 
 
 class RayClient:
@@ -134,28 +66,36 @@ class RayClient:
 
     # ---- RolloutClient ----------------------------------------------------------------------
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if req.request_id in self._pending:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self._pending[req.request_id] = self._send(req)
         return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+    def result(self, request_id: str, timeout_s: float | None = None, kind: type = GenerateReply) -> Any:
         ref = self._pending.get(request_id)
         if ref is None:
             raise KeyError(f"no request {request_id!r} in flight")
         reply = self._wait(ref, timeout_s)  # on timeout the ref stays pending: result() may be retried
         del self._pending[request_id]
-        return _expect(reply, GenerateReply)
+        return expect_reply(reply, kind)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
 
     def push_adapter(self, msg: PushAdapter, timeout_s: float | None = None) -> PushReply:
-        return _expect(self._wait(self._send(msg), timeout_s), PushReply)
+        return expect_reply(self._wait(self._send(msg), timeout_s), PushReply)
 
     def status(self, timeout_s: float | None = None) -> Status:
-        return _expect(self._wait(self._send(StatusRequest()), timeout_s), Status)
+        return expect_reply(self._wait(self._send(StatusRequest()), timeout_s), Status)
+
+    submit_score = submit  # score requests carry an id too
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return self.result(request_id, timeout_s, kind=ScoreReply)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         # Dropping the refs is all there is: the actor belongs to whoever started it, not to us.
@@ -201,14 +141,6 @@ def _lookup(name: str, namespace: str, timeout_s: float) -> Any:
                     f"ray://{name}: no such actor in namespace {namespace!r} after {timeout_s:g}s"
                 ) from None
             time.sleep(0.5)
-
-
-def _expect(reply: Any, kind: type) -> Any:
-    if isinstance(reply, ErrorReply):
-        raise RemoteError(reply.code, reply.message)
-    if not isinstance(reply, kind):
-        raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
-    return reply
 
 
 _EXC_HEADER = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\w*: ")

@@ -25,17 +25,18 @@ from zmq.utils.monitor import recv_monitor_message
 from shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
-    ErrorReply,
     GenerateReply,
     GenerateRequest,
     PushAdapter,
     PushReply,
+    ScoreReply,
+    ScoreRequest,
     Status,
     StatusRequest,
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable
+from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
 
 _MiB = 1024 * 1024
 
@@ -69,7 +70,7 @@ class ZmqClient:
 
     # ---- the RolloutClient interface ------------------------------------------------------
 
-    def submit(self, req: GenerateRequest) -> str:
+    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         if req.request_id in self._pending:
@@ -81,12 +82,12 @@ class ZmqClient:
         self._pending.add(req.request_id)
         return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+    def result(self, request_id: str, timeout_s: float | None = None, kind: type = GenerateReply) -> Any:
         if request_id not in self._pending and request_id not in self._done:
             raise KeyError(f"unknown request id {request_id!r}")
         self._wait(lambda: request_id in self._done, timeout_s)
         self._pending.discard(request_id)
-        return self._expect(self._done.pop(request_id), GenerateReply)
+        return self._expect(self._done.pop(request_id), kind)
 
     def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
         return self.result(self.submit(req), timeout_s)
@@ -96,6 +97,15 @@ class ZmqClient:
 
     def status(self, timeout_s: float | None = None) -> Status:
         return self._expect(self._call(StatusRequest(), timeout_s), Status)
+
+    # Score requests carry an id like generate requests, so they travel the same way.
+    submit_score = submit
+
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+        return self.result(request_id, timeout_s, kind=ScoreReply)
+
+    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
+        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         if self._ctx is None:
@@ -233,13 +243,7 @@ class ZmqClient:
     def _expect(self, reply: Any, kind: type) -> Any:
         if isinstance(reply, ServerUnavailable):
             self._lost = None  # this caller hears of the drop
-        if isinstance(reply, BaseException):
-            raise reply
-        if isinstance(reply, ErrorReply):
-            raise RemoteError(reply.code, reply.message)
-        if not isinstance(reply, kind):
-            raise RemoteError("bad_reply", f"expected {kind.__name__}, got {type(reply).__name__}")
-        return reply
+        return expect_reply(reply, kind)
 
     def __enter__(self) -> ZmqClient:
         return self
