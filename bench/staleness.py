@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import OUT, log_tail, read_rows, rollout_server, setup_process, spawn, stop
+from bench.common import OUT, read_rows, rollout_server, setup_process
+from shared import procs
 
 
 def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path, Path]:
@@ -60,12 +61,12 @@ def run_learner(paths, url: str, out: Path, staleness: int, args) -> list[dict]:
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
     log = out.parent / f"learner-staleness{staleness}.log"
-    proc = spawn(cmd, log)
+    proc = procs.start(cmd, log)
     try:
         if proc.wait(args.timeout_s) != 0:
-            raise RuntimeError(f"learner (max_staleness {staleness}) failed:\n{log_tail(log)}")
+            raise RuntimeError(f"learner (max_staleness {staleness}) failed:\n{procs.log_tail(log)}")
     finally:
-        stop(proc)
+        procs.stop(proc)
     return [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
 
 
