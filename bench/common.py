@@ -29,7 +29,8 @@ DEMO = ROOT / "demo-output"
 def setup_process() -> None:
     """Call first in every benchmark's main(), before torch or vLLM is imported.
 
-    - VLLM_CPU_KVCACHE_SPACE=1 (GiB): the machine rule for every engine we start.
+    - VLLM_CPU_KVCACHE_SPACE=1 (GiB) for every engine we start: a 1 GiB KV cache is plenty for
+      the benchmarks, and several engines plus learners must fit in 24 GiB.
     - OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while they wait are a cliff on a shared CPU.
       With more runnable threads than cores (our server and learner together, or anything else
       running), a student+teacher step took 47-49 s with torch's default (active) waiting and 8-9 s

@@ -6,7 +6,7 @@ the side-by-side answers. The report is rebuilt from that file alone:
 
     python -m demo.report [--out demo-output]
 
-Quality target (issue 5), on the held-out prompts:
+Quality target, on the held-out prompts:
 - the distilled student closes >= half the gap to the teacher in per-token JSD on teacher text;
 - the teacher's NLL of the student's own samples falls;
 - distinct-2 of the student's samples stays >= half the teacher's (no collapse into repetition).

@@ -1,2 +1,2 @@
 """Ways to run the service beyond one process: a Ray job (`python -m deploy.ray_job`) and Docker
-Compose (`deploy/compose.yaml`). See deploy/README.md for the exact commands."""
+Compose (`deploy/compose.yaml`). See docs/deployment.md for the exact commands."""

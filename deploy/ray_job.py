@@ -42,33 +42,6 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
         dict(type=float, default=1.0, help="CPUs reserved for the learner task (default 1)."),
     ),
     ("--learner_num_gpus", dict(type=float, default=0.0, help="GPUs for the learner task (default 0).")),
-    (
-        "--server_dtype",
-        dict(
-            choices=["auto", "float32", "bfloat16", "float16"],
-            default="auto",
-            help="Serving dtype (auto: fp32 on CPU, bf16 on CUDA).",
-        ),
-    ),
-    (
-        "--sync_mode",
-        dict(
-            choices=["merged", "lora"],
-            default="merged",
-            help="Merge pushed adapters into the weights, or serve them as vLLM LoRA.",
-        ),
-    ),
-    ("--kv_cache_gb", dict(type=float, default=1.0, help="CPU only: vLLM KV cache size in GiB (default 1).")),
-    (
-        "--gpu_memory_utilization",
-        dict(type=float, default=0.85, help="CUDA only: share of GPU memory vLLM may take."),
-    ),
-    (
-        "--max_lora_rank",
-        dict(
-            type=int, default=None, help="Largest adapter rank the server accepts (default: max(64, lora_r))."
-        ),
-    ),
     ("--actor_name", dict(default=None, help="Name of the rollout actor (default: gkd-rollout-<random>).")),
     (
         "--ready_timeout_s",
@@ -77,23 +50,46 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+# Settings the job decides itself: the model and token are the learner's; the actor serves no
+# ZeroMQ or HTTP port; it is the student.
+JOB_OWNED = ("model", "token", "host", "port", "http_port", "role")
+# Defaults taken from the learner's config instead of the server's own (shown in --help).
+DERIVED = {
+    "max_model_len": "default: the learner's max_length",
+    "max_lora_rank": "default: max(64, lora_r)",
+    "seed": "default: the learner's seed",
+    "trust_remote_code": "default: the learner's trust_remote_code",
+}
+
+
+def server_flags() -> list[tuple[str, dict[str, Any]]]:
+    """Every other setting of the rollout server, as --server_<name> (same names as gkd-rollout-server)."""
+    from rollout_server.settings import flag_specs
+
+    return [(flags[0], kw) for flags, kw in flag_specs("server_", skip=JOB_OWNED, shown=DERIVED)]
+
+
 class JobFailed(RuntimeError):
     """One side failed; the message is the one line for the job's logs."""
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, ns = parse_args(argv, prog=PROG, description=__doc__.split("\n\n")[0], extra=EXTRA)
+        cfg, ns = parse_args(
+            argv, prog=PROG, description=__doc__.split("\n\n")[0], extra=EXTRA + server_flags()
+        )
         errs = _check_resources(cfg, ns)
         if errs:
             raise ConfigError(errs)
+        # A per-job secret when none is given: the actor's name is visible to every driver on the cluster.
+        settings = server_settings(cfg, ns, cfg.rollout.token or secrets.token_urlsafe(24))
     except ConfigError as e:
         exit_on_config_error(PROG, e)
     import ray
 
     ray.init()  # inside `ray job submit` this joins the job's cluster; alone it starts a local one
     try:
-        run(cfg, ns)
+        run(cfg, ns, settings)
     except JobFailed as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
@@ -102,17 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg: Config, ns: Any) -> None:
+def run(cfg: Config, ns: Any, settings: Any) -> None:
     """Start the rollout actor, wait for it, run the learner to completion (or raise JobFailed)."""
     import ray
 
     from rollout_server.ray_actor import start_rollout_actor
     from shared.transport.ray_transport import RayClient
 
-    # A per-job secret when none is given: the actor's name is visible to every driver on the cluster.
-    token = cfg.rollout.token or secrets.token_urlsafe(24)
+    token = settings.token
     name = ns.actor_name or f"gkd-rollout-{secrets.token_hex(4)}"
-    settings = server_settings(cfg, ns, token)
     actor = start_rollout_actor(settings, name, ns.rollout_num_cpus, ns.rollout_num_gpus)
     learner_ref = None
     try:
@@ -135,40 +129,44 @@ def run(cfg: Config, ns: Any) -> None:
 
 
 def server_settings(cfg: Config, ns: Any, token: str):
-    """The rollout server's settings, derived from the learner's config and the extra flags."""
-    from rollout_server.settings import ServerSettings
+    """The rollout server's settings: the learner's config where the job owns or derives a setting,
+    then every --server_<name> flag given (ConfigError if they cannot work)."""
+    import msgspec
 
-    return ServerSettings(
-        model=cfg.model.model_name_or_path,
-        token=token,
-        sync_mode=ns.sync_mode,
-        dtype=ns.server_dtype,
-        max_model_len=cfg.data.max_length,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        kv_cache_gb=ns.kv_cache_gb,
-        max_lora_rank=ns.max_lora_rank or max(64, cfg.lora.lora_r),
-        seed=cfg.train.seed,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    from rollout_server.settings import ServerSettings, problems
+
+    given = {
+        k.removeprefix("server_"): v for k, v in vars(ns).items() if k.startswith("server_") and v is not None
+    }
+    derived = {
+        "model": cfg.model.model_name_or_path,
+        "token": token,
+        "max_model_len": cfg.data.max_length,
+        "max_lora_rank": max(64, cfg.lora.lora_r),
+        "seed": cfg.train.seed,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    try:
+        settings = msgspec.convert({**derived, **given}, ServerSettings)
+    except msgspec.ValidationError as e:
+        raise ConfigError([f"invalid server setting: {e}"]) from None
+    errs = [e.replace("--", "--server_", 1) for e in problems(settings)]
+    if settings.max_lora_rank < cfg.lora.lora_r:
+        errs.append(
+            f"server_max_lora_rank={settings.max_lora_rank} is invalid: must be >= lora_r={cfg.lora.lora_r}"
+        )
+    if errs:
+        raise ConfigError(errs)
+    return settings
 
 
 def _check_resources(cfg: Config, ns: Any) -> list[str]:
     errs = []
-    for flag in (
-        "rollout_num_cpus",
-        "rollout_num_gpus",
-        "learner_num_cpus",
-        "learner_num_gpus",
-        "kv_cache_gb",
-    ):
+    for flag in ("rollout_num_cpus", "rollout_num_gpus", "learner_num_cpus", "learner_num_gpus"):
         if getattr(ns, flag) < 0:
             errs.append(f"{flag}={getattr(ns, flag)!r} is invalid: must be >= 0")
     if ns.ready_timeout_s <= 0:
         errs.append(f"ready_timeout_s={ns.ready_timeout_s!r} is invalid: must be > 0")
-    if not 0 < ns.gpu_memory_utilization <= 1:
-        errs.append(f"gpu_memory_utilization={ns.gpu_memory_utilization!r} is invalid: must be in (0, 1]")
-    if ns.max_lora_rank is not None and ns.max_lora_rank < cfg.lora.lora_r:
-        errs.append(f"max_lora_rank={ns.max_lora_rank} is invalid: must be >= lora_r={cfg.lora.lora_r}")
     if cfg.rollout.rollout_url is not None or cfg.rollout.transport not in ("auto", "ray"):
         errs.append(
             "rollout_url/transport are set by deploy.ray_job (ray://<actor_name>); leave them out, or use --actor_name"

@@ -276,6 +276,3 @@ class PromptSampler:
             out += order[self.cursor.index : j]
             self.cursor = Cursor(self.cursor.epoch, j) if j < self.n else Cursor(self.cursor.epoch + 1, 0)
         return out
-
-    def epochs_done(self) -> float:
-        return self.cursor.epoch + self.cursor.index / self.n

@@ -5,7 +5,7 @@ the learner scores it with its own student (HF + PEFT, adapter active). The two 
 dtype-aware tolerance, or training stops: a mismatch means the server serves something else (another
 base model, a failed reload) and every later rollout would be silently off-policy.
 
-Tolerance (measured-facts.md: vLLM fp32 vs HF fp32 differ by <= 3e-5; bf16 by up to ~0.2 per token,
+Tolerance (measured: vLLM fp32 vs HF fp32 differ by <= 3e-5; bf16 by up to ~0.2 per token,
 for the unmodified base model too):
 
 * both sides fp32: max |Δ logprob| <= 1e-3;

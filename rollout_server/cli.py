@@ -16,56 +16,26 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import msgspec
 
-from rollout_server.settings import ServerSettings
+from rollout_server.settings import ServerSettings, flag_specs, problems
 
 PROG = "gkd-rollout-server"
 log = logging.getLogger("gkd.rollout_server")
 
-HELP = {
-    "model": "Student base model: a local HF directory (safetensors) or a hub id.",
-    "host": "Bind address. Anything but loopback requires --token.",
-    "port": "ZeroMQ port: the learner connects to tcp://host:port.",
-    "token": "Shared secret required on every request (default: env GKD_TOKEN).",
-    "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading.",
-    "dtype": "Serving dtype; auto = float32 on CPU (exact canary), bfloat16 on CUDA.",
-    "max_model_len": "Longest prompt + completion, in tokens (default: the model's own limit).",
-    "gpu_memory_utilization": "CUDA only: share of GPU memory vLLM may use.",
-    "kv_cache_gb": "CPU only: KV cache size in GiB.",
-    "max_lora_rank": "Largest adapter rank accepted.",
-    "max_message_mb": "Messages larger than this are refused before they are buffered.",
-    "http_port": "Serve an OpenAI-compatible endpoint on this port (off by default).",
-    "enforce_eager": "No CUDA graphs / torch.compile: faster start (default: on for CPU, off on GPU).",
-    "tensor_parallel_size": "GPUs per engine (vLLM tensor parallelism).",
-    "pristine_dtype": "dtype of each worker's pristine copy of the adaptable weights (merged mode).",
-    "seed": "Engine seed.",
-    "trust_remote_code": "Allow custom modelling code from the model repo.",
-    "max_num_seqs": "Sequences decoded together per engine step.",
-    "min_version_wait_s": "How long a request asking for a newer policy version waits for its push.",
-    "role": "student: sample the student and take adapter pushes; teacher: a frozen teacher that answers score requests and refuses pushes.",
-    "max_logprobs": "Largest top-k a score request may ask for (vLLM's max_logprobs).",
-}
-
 
 def build_parser():
-    from shared.config import Parser, argkw
+    from shared.config import Parser
 
     p = Parser(
         prog=PROG,
         description="The GKD rollout server: vLLM samples the student and reloads pushed LoRA adapters in place.",
         argument_default=None,
     )
-    defaults = {f.name: f.default for f in msgspec.structs.fields(ServerSettings)}
-    for name, typ in get_type_hints(ServerSettings).items():
-        default = defaults.get(name, msgspec.NODEFAULT)
-        shown = "required" if default is msgspec.NODEFAULT else f"default: {default!r}"
-        if name == "token":
-            shown = "default: $GKD_TOKEN"
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, help=f"{HELP.get(name, '')} ({shown})", **argkw(typ))
+    for flags, kw in flag_specs(shown={"token": "default: $GKD_TOKEN"}):
+        p.add_argument(*flags, **kw)
     p.add_argument(
         "--log_level",
         default="INFO",
@@ -91,34 +61,9 @@ def parse_settings(argv: list[str] | None) -> tuple[ServerSettings, str]:
 
 def check(s: ServerSettings) -> ServerSettings:
     """Everything that can be checked before the engine starts; returns settings with a local model dir."""
-    if s.needs_token() and not s.token:
-        raise _Exit(
-            f"--host {s.host} is beyond loopback: refusing to serve without a token; pass --token or set GKD_TOKEN"
-        )
-    for name in ("port", "http_port"):
-        v = getattr(s, name)
-        if v is not None and not 0 < v < 65536:
-            raise _Exit(f"--{name}={v} is invalid: must be in [1, 65535]")
-    if s.http_port is not None and s.http_port == s.port:
-        raise _Exit(f"--http_port must differ from --port ({s.port})")
-    positive = {
-        "max_model_len": 1 if s.max_model_len is None else s.max_model_len,
-        "tensor_parallel_size": s.tensor_parallel_size,
-        "kv_cache_gb": s.kv_cache_gb,
-        "max_message_mb": s.max_message_mb,
-        "max_num_seqs": s.max_num_seqs,
-        "min_version_wait_s": s.min_version_wait_s,
-        "max_logprobs": s.max_logprobs,
-    }
-    for name, v in positive.items():
-        if not v > 0:
-            raise _Exit(f"--{name}={v} is invalid: must be > 0")
-    if not 1 <= s.max_lora_rank <= 512:
-        raise _Exit(
-            f"--max_lora_rank={s.max_lora_rank} is invalid: must be in [1, 512] (vLLM's largest LoRA rank is 512)"
-        )
-    if not 0 < s.gpu_memory_utilization <= 1:
-        raise _Exit(f"--gpu_memory_utilization={s.gpu_memory_utilization} is invalid: must be in (0, 1]")
+    errors = problems(s)
+    if errors:
+        raise _Exit(errors[0])
     s = msgspec.structs.replace(s, model=resolve_model(s.model))
     from rollout_server.engine import model_context_len
 

@@ -1,8 +1,13 @@
-"""The rollout server's typed settings (flags of `gkd-rollout-server`, and what the Ray job passes)."""
+"""The rollout server's settings: the one source of their names, types, defaults, help and checks.
+
+`gkd-rollout-server` has one flag per field (`flag_specs()`); `deploy.ray_job` offers the same
+settings as `--server_<name>` (`flag_specs("server_")`); compose passes `gkd-rollout-server` flags.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_type_hints
 
 import msgspec
 
@@ -40,3 +45,85 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def needs_token(self) -> bool:
         return self.host not in ("127.0.0.1", "localhost", "::1")
+
+
+# One line of --help per setting (gkd-rollout-server's flags, and deploy.ray_job's --server_* flags).
+HELP = {
+    "model": "Student base model: a local HF directory (safetensors) or a hub id.",
+    "host": "Bind address. Anything but loopback requires --token.",
+    "port": "ZeroMQ port: the learner connects to tcp://host:port.",
+    "token": "Shared secret required on every request (default: env GKD_TOKEN).",
+    "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading.",
+    "dtype": "Serving dtype; auto = float32 on CPU (exact canary), bfloat16 on CUDA.",
+    "max_model_len": "Longest prompt + completion, in tokens (default: the model's own limit).",
+    "gpu_memory_utilization": "CUDA only: share of GPU memory vLLM may use.",
+    "kv_cache_gb": "CPU only: KV cache size in GiB.",
+    "max_lora_rank": "Largest adapter rank accepted.",
+    "max_message_mb": "Messages larger than this are refused before they are buffered.",
+    "http_port": "Serve an OpenAI-compatible endpoint on this port (off by default).",
+    "enforce_eager": "No CUDA graphs / torch.compile: faster start (default: on for CPU, off on GPU).",
+    "tensor_parallel_size": "GPUs per engine (vLLM tensor parallelism).",
+    "pristine_dtype": "dtype of each worker's pristine copy of the adaptable weights (merged mode).",
+    "seed": "Engine seed.",
+    "trust_remote_code": "Allow custom modelling code from the model repo.",
+    "max_num_seqs": "Sequences decoded together per engine step.",
+    "min_version_wait_s": "How long a request asking for a newer policy version waits for its push.",
+    "role": "student: sample the student and take adapter pushes; teacher: a frozen teacher that answers score requests and refuses pushes.",
+    "max_logprobs": "Largest top-k a score request may ask for (vLLM's max_logprobs).",
+}
+
+
+def flag_specs(
+    prefix: str = "", skip: Iterable[str] = (), shown: Mapping[str, str] | None = None
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """argparse (flags, keywords) for every setting: `--{prefix}{name}` (and its dashed spelling),
+    dest `{prefix}{name}`, default None (not given), help from HELP plus the default or `shown[name]`."""
+    from shared.config import argkw
+
+    defaults = {f.name: f.default for f in msgspec.structs.fields(ServerSettings)}
+    specs = []
+    for name, typ in get_type_hints(ServerSettings).items():
+        if name in skip:
+            continue
+        default = defaults.get(name, msgspec.NODEFAULT)
+        text = (shown or {}).get(name) or (
+            "required" if default is msgspec.NODEFAULT else f"default: {default!r}"
+        )
+        flag = f"{prefix}{name}"
+        flags = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
+        specs.append(
+            (flags, {"dest": flag, "default": None, "help": f"{HELP.get(name, '')} ({text})", **argkw(typ)})
+        )
+    return specs
+
+
+def problems(s: ServerSettings) -> list[str]:
+    """Every setting that cannot work, one line each, checked before any engine starts."""
+    errors = []
+    if s.needs_token() and not s.token:
+        errors.append(
+            f"--host {s.host} is beyond loopback: refusing to serve without a token; pass --token or set GKD_TOKEN"
+        )
+    for name in ("port", "http_port"):
+        v = getattr(s, name)
+        if v is not None and not 0 < v < 65536:
+            errors.append(f"--{name}={v} is invalid: must be in [1, 65535]")
+    if s.http_port is not None and s.http_port == s.port:
+        errors.append(f"--http_port must differ from --port ({s.port})")
+    positive = {
+        "max_model_len": 1 if s.max_model_len is None else s.max_model_len,  # None: the model's own
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "kv_cache_gb": s.kv_cache_gb,
+        "max_message_mb": s.max_message_mb,
+        "max_num_seqs": s.max_num_seqs,
+        "min_version_wait_s": s.min_version_wait_s,
+        "max_logprobs": s.max_logprobs,
+    }
+    errors += [f"--{n}={v} is invalid: must be > 0" for n, v in positive.items() if not v > 0]
+    if not 1 <= s.max_lora_rank <= 512:
+        errors.append(
+            f"--max_lora_rank={s.max_lora_rank} is invalid: must be in [1, 512] (vLLM's largest LoRA rank is 512)"
+        )
+    if not 0 < s.gpu_memory_utilization <= 1:
+        errors.append(f"--gpu_memory_utilization={s.gpu_memory_utilization} is invalid: must be in (0, 1]")
+    return errors

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny real models, a tiny dataset, real rollout-server processes, real adapters.
 
 Engine starts are the expensive part (20-90 s on 2 CPU cores), so rollout servers come from one
-session-wide pool that keeps at most ONE server process alive (the machine rule: one vLLM engine at
+session-wide pool that keeps at most ONE server process alive (one vLLM engine at
 a time). A test asks for a configuration; the pool reuses the running server when the configuration
 matches and it is still at policy version 0, and otherwise stops it (by PID) and starts the right
 one. Group tests by configuration to keep restarts few.

@@ -1,4 +1,4 @@
-"""Bad input (issue 7), one table: every case ends in ONE line naming the problem and what to do,
+"""Bad input, one table: every case ends in ONE line naming the problem and what to do,
 with exit code 2, no traceback, and no change to the output directory it was pointed at, which
 holds an earlier run's results and checkpoint (so no half-written result appears and nothing
 earlier is damaged). The exception: a prompt longer than max_length is counted and reported, not

@@ -1,6 +1,6 @@
 """The embedded default's quality target, and the demo's own logic.
 
-The quality target (issue 5) is checked on the figures the demo writes to `metrics.jsonl`:
+The quality target is checked on the figures the demo writes to `metrics.jsonl`:
 - the distilled student closes >= half the JSD gap to the teacher on held-out teacher text;
 - the teacher's NLL of the student's samples falls;
 - distinct-2 of its samples stays >= half the teacher's.

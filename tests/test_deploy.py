@@ -172,3 +172,73 @@ def test_healthcheck_reports_unhealthy_when_nothing_listens(capsys):
         port = s.getsockname()[1]
     assert healthcheck.main(["--url", f"tcp://127.0.0.1:{port}", "--token", "t", "--timeout_s", "1"]) == 1
     assert capsys.readouterr().err.startswith("unhealthy:")
+
+
+# ---------------------------------------------------------------- deploy.ray_job: the server's settings
+
+
+def _ray_job_settings(tmp_path, *flags: str):
+    from deploy import ray_job
+    from shared.config import parse_args
+
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "data.jsonl").write_text('{"prompt": "hi"}\n')
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--teacher_model_name_or_path",
+        str(tmp_path / "model"),
+    ]
+    argv += ["--dataset_name", str(tmp_path / "data.jsonl"), "--output_dir", str(tmp_path / "out"), *flags]
+    cfg, ns = parse_args(argv, prog=ray_job.PROG, extra=ray_job.EXTRA + ray_job.server_flags())
+    return cfg, ray_job.server_settings(cfg, ns, "tok")
+
+
+def test_ray_job_offers_every_server_setting_it_does_not_own():
+    """A setting added to ServerSettings becomes --server_<name> of the Ray job by itself."""
+    import msgspec
+
+    from deploy import ray_job
+    from rollout_server.settings import ServerSettings
+
+    offered = {kw["dest"].removeprefix("server_") for _, kw in ray_job.server_flags()}
+    fields = {f.name for f in msgspec.structs.fields(ServerSettings)}
+    assert offered == fields - set(ray_job.JOB_OWNED)
+    assert {"enforce_eager", "max_num_seqs", "max_message_mb", "kv_cache_gb", "sync_mode"} <= offered
+
+
+def test_ray_job_passes_server_flags_and_derives_the_rest(tmp_path):
+    cfg, s = _ray_job_settings(
+        tmp_path,
+        *("--server_enforce_eager", "false", "--server_max_num_seqs", "8", "--server_max_message_mb", "16"),
+        *("--server_sync_mode", "lora", "--max_length", "300", "--lora_r", "96", "--seed", "7"),
+    )
+    assert (s.enforce_eager, s.max_num_seqs, s.max_message_mb, s.sync_mode) == (False, 8, 16, "lora")
+    assert (s.model, s.token, s.max_model_len, s.max_lora_rank, s.seed) == (
+        cfg.model.model_name_or_path,
+        "tok",
+        300,
+        96,
+        7,
+    )
+    _, s = _ray_job_settings(tmp_path)
+    assert (s.kv_cache_gb, s.dtype, s.max_num_seqs) == (1.0, "auto", 64)  # the server's own defaults
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (("--server_max_num_seqs", "0"), "--server_max_num_seqs=0 is invalid: must be > 0"),
+        (("--server_gpu_memory_utilization", "1.5"), "--server_gpu_memory_utilization=1.5 is invalid"),
+        (
+            ("--server_max_lora_rank", "8", "--lora_r", "16"),
+            "server_max_lora_rank=8 is invalid: must be >= lora_r=16",
+        ),
+    ],
+)
+def test_ray_job_refuses_server_settings_that_cannot_work(tmp_path, flags, needle):
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _ray_job_settings(tmp_path, *flags)
+    assert any(needle in line for line in e.value.errors), e.value.errors

@@ -1,4 +1,4 @@
-"""Faults (issue 7): real processes on loopback, killed with SIGKILL by PID, no mocked sockets.
+"""Faults: real processes on loopback, killed with SIGKILL by PID, no mocked sockets.
 
 - a checkpoint writer killed mid-write never leaves a checkpoint that passes for complete;
 - the learner killed mid-run resumes from its last complete checkpoint (`--resume latest`) with

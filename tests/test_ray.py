@@ -149,7 +149,7 @@ def _job_args(tiny, out: Path, student: str | None = None) -> list[str]:
         "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
         "--logging_steps", "1", "--save_steps", "100", "--eval_strategy", "no", "--sync_steps", "1",
         "--request_timeout_s", "300", "--reconnect_deadline_s", "60",
-        "--rollout_num_cpus", "1", "--learner_num_cpus", "1", "--kv_cache_gb", "1",
+        "--rollout_num_cpus", "1", "--learner_num_cpus", "1", "--server_kv_cache_gb", "1",
         "--ready_timeout_s", "400",
     ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from shared.transport import RemoteError, connect
 
 PROMPTS = [[5, 17, 33, 40], [100, 101, 102], [7, 8, 9, 10, 11, 12], [250, 3, 77]]
 CANARY = [11, 42, 7, 99, 150, 3, 260, 18, 64, 5]
-FP32_TOL = 1e-3  # vLLM fp32 vs HF fp32 measured 2.8e-5 (measured-facts.md)
+FP32_TOL = 1e-3  # vLLM fp32 vs HF fp32 differ by up to 2.8e-5 (measured on the tiny models)
 SECURE = {"host": "0.0.0.0", "token": "s3cret-token", "sync_mode": "lora"}  # shared with test_wire.py
 
 

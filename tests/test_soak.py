@@ -1,4 +1,4 @@
-"""Soak (issue 7): 4 concurrent clients for 60 s against one rollout server, adapters pushed while
+"""Soak: 4 concurrent clients for 60 s against one rollout server, adapters pushed while
 generation runs. Every request gets a complete, version-tagged answer or a clear error; nothing
 hangs (a per-request timeout); the server's memory stays flat. Prints the server's RSS at the start
 and the end of the measured window.

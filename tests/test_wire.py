@@ -1,4 +1,4 @@
-"""Wire safety (issue 7): whatever arrives on the socket, the server refuses it cleanly and keeps
+"""Wire safety: whatever arrives on the socket, the server refuses it cleanly and keeps
 serving. Runs against the server bound beyond loopback with a token (the pool's SECURE config,
 which test_rollout_server.py also uses, so no extra engine start).
 """
