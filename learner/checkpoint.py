@@ -1,9 +1,11 @@
 """Resumable checkpoints, written atomically: a half-written checkpoint is never picked up.
 
 `output_dir/checkpoints/step-N/` holds the adapter, optimizer and scheduler states, the RNG states
-(python, numpy, torch), and `state.json` (step, policy version, data cursor). Everything is written
-into a temporary directory first, fsynced, listed with its sha256 in `manifest.json` (written last),
-and then renamed into place. `find_latest` takes the newest directory whose manifest verifies.
+(python, numpy, torch), `state.json` (step, policy version, data cursor) and `run.json` (the run's
+id, config hash and hashed settings: learner.identity). Everything is written into a temporary
+directory first, fsynced, listed with its sha256 in `manifest.json` (written last, with the run id),
+and then renamed into place. `find_latest` takes the newest directory of the run whose manifest
+verifies; `prune` keeps the newest N of them (--save_total_limit).
 
 Optimizer and scheduler states go through torch.save: they are only ever read back from this local
 disk (never from the network) and are loaded with weights_only=True.
@@ -33,6 +35,7 @@ from shared.files import sha256_file
 log = logging.getLogger("gkd.learner")
 
 MANIFEST = "manifest.json"
+RUN = "run.json"
 FORMAT = 1
 
 
@@ -43,6 +46,7 @@ class TrainState:
     cursor: Cursor  # data cursor after the last consumed micro-batch
     micro_batches: int  # micro-batches this rank consumed so far (the next draw's local index)
     world_size: int = 1  # ranks that wrote it; resuming with another world size changes the data split
+    pushed_sha: str = ""  # sha256 of the adapter last pushed (as policy_version); "" if unknown
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +66,7 @@ def save(
     adapter: dict[str, torch.Tensor],
     optimizer: dict,
     scheduler: dict,
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint step-<state.step> atomically; raise UserError if the disk refuses."""
     root = checkpoints_dir(output_dir)
@@ -78,10 +83,14 @@ def save(
         _write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler))
         _write_rng(tmp)
         (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2))
+        if run is not None:
+            (tmp / RUN).write_text(json.dumps(run, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync(tmp / name)
         manifest = {"format": FORMAT, "step": state.step, "files": {n: sha256_file(tmp / n) for n in files}}
+        if run is not None:
+            manifest["run_id"] = run["run_id"]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
@@ -116,38 +125,78 @@ def verify(path: str | Path) -> bool:
         return False
 
 
-def find_latest(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; temporary and broken ones are skipped."""
+def require_complete(path: str | Path) -> Path:
+    """`path` itself as a checkpoint to resume: UserError unless its manifest verifies."""
+    if not verify(path):
+        raise UserError(
+            f"resume={str(path)!r} is not a complete checkpoint (missing or mismatching manifest.json)"
+        )
+    return Path(path)
+
+
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """The step-N directories, newest first (complete or not; temporary ones excluded)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
+        return []
+    steps = [
+        (int(p.name[5:]), p)
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+    ]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
         return None
-    steps = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
-            steps.append((int(p.name[5:]), p))
-    for _, p in sorted(steps, reverse=True):
-        if verify(p):
+
+
+def read_run(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's run.json (id, config hash, settings); None when it has none."""
+    try:
+        run = json.loads((path / RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) and "run_id" in run else None
+
+
+def find_latest(output_dir: str | Path, run_id: str | None = None, quiet: bool = False) -> Path | None:
+    """The newest checkpoint whose manifest verifies (of run `run_id` when given)."""
+    for p in step_dirs(output_dir):
+        if complete_one(p, run_id, quiet):
             return p
-        log.warning("ignoring checkpoint %s: its manifest does not verify (incomplete or corrupt)", p)
     return None
 
 
-def resolve(resume: str, output_dir: str | Path) -> Path | None:
-    """Turn --resume (latest | path) into a verified checkpoint directory (None: start fresh)."""
-    if resume == "latest":
-        found = find_latest(output_dir)
-        if found is None:
-            log.info(
-                "resume=latest: no complete checkpoint in %s; starting from step 0",
-                checkpoints_dir(output_dir),
-            )
-        return found
-    path = Path(resume)
-    if not verify(path):
-        raise UserError(
-            f"resume={resume!r} is not a complete checkpoint (missing or mismatching manifest.json)"
-        )
-    return path
+def complete_one(p: Path, run_id: str | None, quiet: bool) -> bool:
+    if not verify(p):
+        if not quiet:
+            log.warning("ignoring checkpoint %s: its manifest does not verify (incomplete or corrupt)", p)
+        return False
+    if run_id is not None and run_id_of(p) != run_id:
+        if not quiet:
+            log.warning("ignoring checkpoint %s: it belongs to run %s, not %s", p, run_id_of(p), run_id)
+        return False
+    return True
+
+
+def prune(output_dir: str | Path, keep: int, run_id: str | None) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints of the run; remove every older step directory."""
+    dirs = step_dirs(output_dir)
+    kept = 0
+    removed = []
+    for i, p in enumerate(dirs):
+        if complete_one(p, run_id, quiet=True):
+            kept += 1
+            if kept == keep:
+                removed = dirs[i + 1 :]
+                break
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         exit_on_config_error(PROG, e)
     from learner.recipe import run  # heavy: torch, transformers, peft
+    from learner.signals import Interrupted
 
     try:
         run(cfg)
+    except Interrupted as e:  # SIGTERM / SIGINT: 143 / 130, after a checkpoint when training had started
+        sys.stderr.write(f"{PROG}: {_one_line(e)}\n")
+        raise SystemExit(e.code) from None
     except (UserError, ServerUnavailable, RemoteError) as e:
         sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
         raise SystemExit(2) from None

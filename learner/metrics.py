@@ -8,7 +8,8 @@ With several replicas, training rows also carry `replicas`: per replica its stat
 queue_depth, tokens_per_s, outstanding sequences and replies served.
 
 On resume, lines of the interrupted run past the checkpoint's step are dropped first, so the file
-reads as one run: every step at most once, in order.
+reads as one run: every step at most once, in order. A torn line (a write cut off by a full disk
+or a kill) is dropped too, with a warning.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class MetricsLog:
     def _trim(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        keep = []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            row = _parse(line)
+            if row is None and line.strip():
+                log.warning("metrics.jsonl line %d is torn (%r...): dropped", n, line[:40])
+            elif row is not None and row.get("step", 0) <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -78,8 +81,17 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; torn lines are skipped."""
     path = Path(output_dir) / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    if not path.exists():
+        return []
+    return [r for r in map(_parse, path.read_text(errors="replace").splitlines()) if r is not None]

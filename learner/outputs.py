@@ -5,7 +5,8 @@
 * `merged/` with `--save_merged`: a plain transformers model (loads in AutoModelForCausalLM and as
   a rollout server / vLLM base model);
 * `README.md`: a model card with the run's config, final figures and the GKD citation.
-`--push_to_hub` uploads all of it; without network it fails with a clear message, after saving.
+`--push_to_hub` uploads all of it. `check_hub` runs at start, before any model loads: no token, a
+read-only token, an unreachable hub or a namespace the token cannot write to is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -105,9 +106,39 @@ tokenizer = AutoTokenizer.from_pretrained("{out}")
     return path
 
 
-def push_to_hub(cfg: Config, out: Path) -> None:
-    """Upload output_dir; UserError (everything already saved locally) when it cannot."""
+def check_hub(cfg: Config, out: Path) -> str:
+    """Fail fast on a --push_to_hub that could never succeed; return the full target repo id."""
+    from huggingface_hub import HfApi, get_token
+
     repo = cfg.train.hub_model_id or out.resolve().name
+    token = get_token()
+    if not token:
+        raise UserError(
+            f"--push_to_hub to {repo!r}: no Hugging Face token (set HF_TOKEN or run `hf auth login`), "
+            "or drop --push_to_hub"
+        )
+    try:
+        me = HfApi(token=token).whoami()
+    except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end the same way
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"--push_to_hub to {repo!r}: the hub does not accept the token ({first})") from None
+    user = me.get("name", "")
+    repo = repo if "/" in repo else f"{user}/{repo}"
+    access = (me.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "read":
+        raise UserError(f"--push_to_hub to {repo!r}: the token is read-only; use a token with write access")
+    namespaces = {user, *(o.get("name") for o in me.get("orgs") or [])}
+    if repo.split("/")[0] not in namespaces:
+        raise UserError(
+            f"--push_to_hub to {repo!r}: the token ({user}) cannot write to namespace {repo.split('/')[0]!r}; "
+            "set --hub_model_id to a repo of yours"
+        )
+    return repo
+
+
+def push_to_hub(cfg: Config, out: Path, repo: str | None = None) -> None:
+    """Upload output_dir; UserError (everything already saved locally) when it cannot."""
+    repo = repo or cfg.train.hub_model_id or out.resolve().name
     try:
         from huggingface_hub import HfApi
 

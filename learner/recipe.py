@@ -5,6 +5,10 @@ prompts. Each micro-batch's completions come from `Rollouts` (the student's own 
 rollout server with probability lmbda, else teacher-written ones); the student (with grad) and the
 teacher (without) score them, and the generalized JSD on the completion tokens is backpropagated.
 Every sync_steps the adapter goes to the server, which must then score the canary like we do.
+
+Setup checks the cheap things first, in this order, before waiting for a server or loading a model:
+the flags (already parsed), the dataset, the output directory (and the run in it: learner.identity),
+the hub token. SIGTERM/SIGINT stop at the next step boundary with a checkpoint (learner.signals).
 """
 
 from __future__ import annotations
@@ -20,17 +24,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner import checkpoint, dist, outputs
+from learner import checkpoint, dist, identity, outputs
 from learner.checkpoint import TrainState
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
 from learner.metrics import MetricsLog
-from learner.models import load_adapter_tensors, load_models
+from learner.models import load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
 from learner.rollouts import Rollouts, hf_generate
+from learner.signals import Interrupted, StopFlag
 from learner.step import collate, distill_loss
-from learner.sync import bring_server_to_checkpoint, canary_ids, push_adapter, wait_for_server
+from learner.sync import (
+    adapter_sha,
+    bring_server_to_checkpoint,
+    canary_ids,
+    push_adapter,
+    wait_for_server,
+)
 from shared.config import Config, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
@@ -69,19 +80,30 @@ class GKDRecipe:
         self.rollouts: Rollouts | None = None
         self.last: dict[str, Any] = {}
         self.teacher_eval_cache: dict[int, list[int]] = {}
+        self.stop = StopFlag()
+        self.dirty = False  # trained since the last push: the adapter differs from what its version names
+        self.hub_repo: str | None = None
+        self.pushes: list = []  # PushResults not yet in metrics.jsonl (one "push" row each)
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         _configure_logging()
+        self.stop.install()
         from learner.models import resolve_device
 
         self.dist = dist.init(resolve_device(cfg.model.device))
         if self.dist.world_size > 1 and torch.cuda.is_available() and cfg.model.device in ("auto", "cuda"):
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
+        # Cheap checks first (nothing is written until models, data and server check out).
+        self.eval_on = t.eval_strategy != "no"
+        self.data = load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg), need_eval=self.eval_on)
         if self.dist.is_main:
-            self._check_output_dir()  # nothing is written until models, data and server check out
+            self._check_output_dir()
+        self.plan = identity.plan(cfg)
+        if self.dist.is_main and t.push_to_hub:
+            self.hub_repo = outputs.check_hub(cfg, self.out)
         _seed_everything(t.seed)  # the same on every rank: identical LoRA init
         if t.torch_num_threads:
             torch.set_num_threads(t.torch_num_threads)
@@ -104,8 +126,6 @@ class GKDRecipe:
         self.m = load_models(cfg)
         self.dtype = next(self.m.student.parameters()).dtype
         self.canary = canary_ids(self.m.tokenizer)
-        self.eval_on = t.eval_strategy != "no"
-        self.data = load_data(cfg, self.m.tokenizer, need_eval=self.eval_on)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size
         self.total_steps = (
             t.max_steps
@@ -120,7 +140,7 @@ class GKDRecipe:
         self.state = TrainState(
             step=0, policy_version=0, cursor=Cursor(), micro_batches=0, world_size=self.dist.world_size
         )
-        ckpt = checkpoint.resolve(t.resume, self.out) if t.resume else None
+        ckpt = self.plan.checkpoint
         if ckpt is not None:
             self._restore(ckpt)
         self._sync_server_at_start(resumed=ckpt is not None)
@@ -132,8 +152,15 @@ class GKDRecipe:
         if self.dist.is_main:
             self.metrics.log(
                 self.state.step,
-                {"event": "start", "total_steps": self.total_steps, **_data_figures(self.data.report)},
+                {
+                    "event": "start",
+                    "total_steps": self.total_steps,
+                    "run_id": self.plan.run.run_id,
+                    "resumed_from": str(ckpt) if ckpt else None,
+                    **_data_figures(self.data.report),
+                },
             )
+        self._log_pushes()
         self.rollouts = self._make_rollouts()
 
     def _check_output_dir(self) -> None:
@@ -151,7 +178,9 @@ class GKDRecipe:
 
     def _prepare_output_dir(self) -> None:
         try:
-            write_resolved(self.cfg, self.out)
+            if self.plan.clear:
+                identity.clear_run(self.out)
+            write_resolved(self.cfg, self.out, self.plan.run.to_json())
         except OSError as e:
             raise UserError(f"output_dir={str(self.out)!r} is not writable: {e.strerror or e}") from None
 
@@ -170,9 +199,10 @@ class GKDRecipe:
             )
             self.state.world_size = self.dist.world_size
         log.info(
-            "resumed from %s at step %d (policy version %d, epoch %d, index %d)",
+            "resumed from %s at step %d (run %s, policy version %d, epoch %d, index %d)",
             path,
             self.state.step,
+            self.plan.run.run_id,
             self.state.policy_version,
             self.state.cursor.epoch,
             self.state.cursor.index,
@@ -193,6 +223,7 @@ class GKDRecipe:
                     m.device,
                     self.dtype,
                     timeout,
+                    pushed_sha=self.state.pushed_sha,
                 )
             else:
                 current = self.client.status(timeout_s=timeout).policy_version
@@ -208,6 +239,8 @@ class GKDRecipe:
                 )
                 version = push.version
             if push is not None:
+                self.state.pushed_sha = push.sha256
+                self.pushes.append(push)
                 log.info(
                     "server now serves version %d (reload %.3fs, canary max |Δ| %.2e)",
                     push.version,
@@ -263,14 +296,16 @@ class GKDRecipe:
     def _resync(self, version: int) -> int:
         """Make the (possibly restarted) server serve our current adapter as `version`; return its version."""
         if not self.dist.is_main:  # rank 0 pushes; the others wait until it has (as long as rank 0 may try)
+            # Rank 0 pushes our adapter as `version` again, or (trained since) as a new version above it.
+            want = version + 1 if self.dirty else version
             deadline = time.monotonic() + self.cfg.rollout.reconnect_deadline_s
-            while self.client.status(timeout_s=10.0).policy_version < version:
+            while (served := self.client.status(timeout_s=10.0).policy_version) < want:
                 if time.monotonic() > deadline:
                     raise UserError(
-                        f"rank {self.dist.rank}: the rollout server did not reach version {version} after a reconnect"
+                        f"rank {self.dist.rank}: the rollout server did not reach version {want} after a reconnect"
                     )
                 time.sleep(0.5)
-            return version
+            return served if self.dirty else version
         m = self.m
         served, push = bring_server_to_checkpoint(
             self.client,
@@ -281,13 +316,17 @@ class GKDRecipe:
             m.device,
             self.dtype,
             self.cfg.rollout.request_timeout_s,
+            pushed_sha=self.state.pushed_sha,
         )
         if push is not None:
-            self.last_push = push
+            self.last_push, self.state.pushed_sha = push, push.sha256
+            self.pushes.append(push)
+        self.dirty = False
         return served
 
     def _server_lost(self, why: str, version: int) -> int:
         served = self.reconnector.recover(why, version)
+        self._log_pushes()
         if self.rollouts is not None:
             self.rollouts.resubmit(served)
         if self.metrics is not None:
@@ -329,10 +368,12 @@ class GKDRecipe:
         bar = self._bar = tqdm(
             total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
         )
-        window = Window()
+        window, saved = Window(), True
+        self.stop.armed = True  # from here a signal waits for the step boundary
         while st.step < self.total_steps:
             t0, epoch_before = time.perf_counter(), st.cursor.epoch
             loss, tokens, grad_norm = self.optimizer_step()
+            self.dirty = True
             st.step += 1
             st.cursor, st.micro_batches = (
                 self.rollouts.consumed_cursor(),
@@ -352,11 +393,37 @@ class GKDRecipe:
                 window = Window()
             if self.eval_on and self._eval_due(epoch_before):
                 self.evaluate()
-            if st.step % t.save_steps == 0 or st.step == self.total_steps:
+            saved = st.step % t.save_steps == 0 or st.step == self.total_steps
+            if saved:
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", v=st.policy_version, **self._replica_postfix())
+            if self._stop_requested():
+                if window.steps:
+                    self.log_window(window)
+                self._stop_with_checkpoint(saved)
         bar.close()
+        self.stop.armed = False  # a signal during the final evaluation and saves stops at once
+        if self._stop_requested():  # during the last step's evaluation or save: the checkpoint exists
+            self._stop_with_checkpoint(saved=True)
+
+    def _stop_requested(self) -> bool:
+        """Did any rank get SIGTERM/SIGINT? (all ranks must stop at the same step)"""
+        flag = 0.0 if self.stop.requested is None else float(self.stop.requested)
+        return dist.all_mean([flag], self.dist)[0] > 0 if self.dist.world_size > 1 else flag > 0
+
+    def _stop_with_checkpoint(self, saved: bool) -> None:
+        import signal as _signal
+
+        signum = self.stop.requested or _signal.SIGTERM
+        if not saved:
+            self.save_checkpoint()
+        path = checkpoint.checkpoints_dir(self.out) / f"step-{self.state.step}"
+        raise Interrupted(
+            signum,
+            f"{_signal.Signals(signum).name}: stopped after step {self.state.step}/{self.total_steps}; "
+            f"checkpoint {path} written; continue with --resume latest",
+        )
 
     def optimizer_step(self) -> tuple[float, int, float]:
         """Accumulate gradient_accumulation_steps micro-batches, then step; return (mean loss, tokens, grad norm)."""
@@ -404,10 +471,12 @@ class GKDRecipe:
         if st.step % self.cfg.rollout.sync_steps and st.step != self.total_steps:
             return
         version = st.policy_version + 1  # every rank counts pushes the same way; rank 0's push makes it so
+        self.dirty = False
         if self.dist.is_main:
             m = self.m
+            self.state.pushed_sha = adapter_sha(m.student)  # what `version` names, even if the push fails
             try:
-                self.last_push = push_adapter(
+                self.last_push = push = push_adapter(
                     self.client,
                     m.student,
                     m.lora,
@@ -417,9 +486,21 @@ class GKDRecipe:
                     self.dtype,
                     self.cfg.rollout.request_timeout_s,
                 )
+                self.pushes.append(push)
             except ServerUnavailable as e:
                 version = self._server_lost(str(e), version)
         st.policy_version = version
+        self._log_pushes()
+
+    def _log_pushes(self) -> None:
+        """One metrics row per push: which adapter (sha256) each version number names."""
+        if self.metrics is None:
+            return
+        for p in self.pushes:
+            self.metrics.log(
+                self.state.step, {"event": "push", "policy_version": p.version, "sha256": p.sha256}
+            )
+        self.pushes.clear()
 
     def _eval_due(self, epoch_before: int) -> bool:
         t, st = self.cfg.train, self.state
@@ -564,14 +645,20 @@ class GKDRecipe:
         if self.dist.is_main:
             from learner.models import adapter_tensors
 
+            run = self.plan.run
             path = checkpoint.save(
                 self.out,
                 self.state,
                 adapter_tensors(self.m.student),
                 self.optimizer.state_dict(),
                 self.scheduler.state_dict(),
+                run={**run.to_json(), "settings": run.settings},
             )
             log.info("checkpoint %s", path)
+            limit = self.cfg.train.save_total_limit
+            if limit:
+                for old in checkpoint.prune(self.out, limit, run.run_id):
+                    log.info("save_total_limit=%d: removed %s", limit, old)
         dist.barrier(self.dist)
 
     def finish(self) -> dict[str, Any]:
@@ -591,7 +678,7 @@ class GKDRecipe:
                 log.info("merged model: %s", path)
             log.info("adapter, model card and metrics are in %s", self.out)
             if t.push_to_hub:
-                outputs.push_to_hub(self.cfg, self.out)
+                outputs.push_to_hub(self.cfg, self.out, self.hub_repo)
         dist.barrier(self.dist)
         digest = adapter_digest(self.params)
         log.info(
@@ -609,6 +696,7 @@ class GKDRecipe:
     def cleanup(self) -> None:
         if self.client is not None:
             self._log_replica_events()
+        self.stop.armed = False
         if getattr(self, "_bar", None) is not None:
             self._bar.close()  # now, not at exit: the CLI's one-line error must be the last thing on stderr
         if self.rollouts is not None:

@@ -10,7 +10,12 @@ teacher samples here with HF generate when `seq_kd` is set or the dataset is pro
 seed's order: with probability lmbda student samples, otherwise (seq_kd) teacher samples.
 
 Staleness: a reply made by policy version v, consumed while the learner is at version V, is V - v
-versions old. Replies older than `max_staleness` are dropped (and counted) and requested again.
+versions old. Replies older than `max_staleness` are dropped (and counted) and requested again; a
+reply newer than the learner (negative staleness: someone else pushes to the server) is an error.
+With the default max_staleness 0 (TRL's strict on-policy), every micro-batch of an optimizer step is
+sampled by the weights that step trains, but sampling still overlaps training inside the step: up
+to max_inflight micro-batches are generated while the current one trains. Requests for the next
+step wait on the server until its push; max_staleness >= 1 lets them run ahead across steps too.
 To avoid producing such replies, a request for a micro-batch that will be consumed k pushes from now
 carries min_version = current + k - max_staleness (the server parks it until that version arrives,
 serving other requests meanwhile), and nothing is planned more than max_staleness + 1 pushes ahead.
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from learner.data import Cursor, Example, PromptSampler
+from learner.errors import UserError
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import RemoteError, ServerUnavailable
 
@@ -209,6 +215,12 @@ class Rollouts:
                 self._submit(mb, attempt)
                 continue
             staleness = version - reply.policy_version
+            if staleness < 0:
+                raise UserError(
+                    f"rollout {mb.request_id} was sampled by policy version {reply.policy_version}, newer than "
+                    f"the learner's {version}: something else pushes adapters to this rollout server; give "
+                    "every run its own server"
+                )
             if staleness <= self.max_staleness:
                 mb.completions = [c.token_ids for c in reply.completions]
                 mb.policy_version, mb.staleness = reply.policy_version, staleness

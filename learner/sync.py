@@ -47,6 +47,7 @@ class PushResult:
     push_s: float  # learner-side wall time of the whole push (pack + send + reload + canary)
     canary_max_abs: float  # max |Δ logprob| between server and learner on the canary
     canary_mean_abs: float
+    sha256: str = ""  # digest of the pushed adapter: what `version` names from now on
 
 
 def canary_ids(tokenizer, n: int = 24) -> list[int]:
@@ -105,16 +106,36 @@ def push_adapter(
         worst[:] = [max(worst[0], mean), max(worst[1], mx)]
 
     reply = client.push_adapter(msg, timeout_s=timeout_s, verify=verify)
-    return PushResult(reply.version, reply.reload_s, time.perf_counter() - t0, worst[1], worst[0])
+    return PushResult(reply.version, reply.reload_s, time.perf_counter() - t0, worst[1], worst[0], msg.sha256)
+
+
+def adapter_sha(student) -> str:
+    """The digest a push of the student's current adapter carries."""
+    return sha256_hex(pack(adapter_tensors(student)))
 
 
 def wait_for_server(client, url: str, deadline_s: float):
-    """Status of the server, retrying until `deadline_s`; UserError if it never answers."""
+    """Status of the server, retrying until `deadline_s`; UserError if it never answers.
+
+    While it does not answer yet (a server still starting), says so once, with the deadline.
+    """
     t_end = time.monotonic() + deadline_s
+    said = False
     while True:
         try:
             return client.status(timeout_s=max(1.0, min(10.0, t_end - time.monotonic())))
         except ServerUnavailable as e:
+            if not said:
+                left = max(0.0, t_end - time.monotonic())
+                at = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + left))
+                log.info(
+                    "waiting for rollout server %s (not answering yet: still starting?) until %s, %gs from now "
+                    "(--reconnect_deadline_s)",
+                    url,
+                    at,
+                    deadline_s,
+                )
+                said = True
             if time.monotonic() >= t_end:
                 raise UserError(
                     f"rollout server {url} did not answer within {deadline_s:g}s ({e}); start gkd-rollout-server "
@@ -151,26 +172,34 @@ def server_has_adapter(
 
 
 def bring_server_to_checkpoint(
-    client, student, lora, ckpt_version: int, canary, device, dtype, timeout_s=None
+    client, student, lora, ckpt_version: int, canary, device, dtype, timeout_s=None, pushed_sha: str = ""
 ) -> tuple[int, PushResult | None]:
-    """On resume: make the server serve the checkpoint's adapter; return (version, push or None).
+    """On resume or after a reconnect: make the server serve our adapter; return (version, push or None).
 
-    * server behind the checkpoint (e.g. restarted): push the adapter as the checkpoint's version;
-    * server at the checkpoint's version with the same weights: nothing to do;
-    * otherwise (it moved on after the checkpoint): push as server version + 1 (versions must grow).
+    A version number names one adapter, never two: `pushed_sha` is the digest of what was (or was
+    being) pushed as `ckpt_version`.
+
+    * our adapter is that one and the server serves it at that version: nothing to do;
+    * our adapter is that one and the server is behind (restarted): push it again as that version;
+    * otherwise (we trained since that push, or the server moved on): push as a NEW version,
+      one above both the server's and ours.
     """
     current = client.status(timeout_s=timeout_s).policy_version
-    if current == ckpt_version and server_has_adapter(
-        client, student, current, canary, device, dtype, timeout_s
+    same = bool(pushed_sha) and pushed_sha == adapter_sha(student)
+    if (
+        same
+        and current == ckpt_version
+        and server_has_adapter(client, student, current, canary, device, dtype, timeout_s)
     ):
-        log.info("resume: the server already serves the checkpoint's adapter (version %d)", current)
+        log.info("the server already serves our adapter (version %d)", current)
         return current, None
-    version = ckpt_version if current < ckpt_version else current + 1
+    version = ckpt_version if same and current < ckpt_version else max(current, ckpt_version) + 1
     if version != ckpt_version:
         log.warning(
-            "resume: server is at version %d, past the checkpoint's %d; re-pushing it as version %d",
+            "server at version %d, ours %d (%s): pushing our adapter as the new version %d",
             current,
             ckpt_version,
+            "the server moved on" if same else "trained since that push",
             version,
         )
     return version, push_adapter(client, student, lora, version, canary, device, dtype, timeout_s)

@@ -75,6 +75,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     resume: str | None = None
     loss_chunk_size: int | None = None
     torch_num_threads: int | None = None
+    # ---- run identity and resumption (TRL / HF TrainingArguments names and meanings)
+    overwrite_output_dir: bool = False
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    run_name: str | None = None
 
 
 class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,7 +95,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rollout_url: str | None = None
     transport: Literal["auto", "zmq", "ray", "inproc"] = "auto"
     sync_steps: int = 1
-    max_staleness: int = 1
+    max_staleness: int = 0
     max_inflight: int = 2
     token: str | None = None
     server_host: str = "127.0.0.1"
@@ -159,7 +164,11 @@ HELP: dict[str, str] = {
     "push_to_hub": "Upload the adapter to the Hugging Face Hub at the end.",
     "hub_model_id": "Hub repo id for push_to_hub (default: output_dir name).",
     "save_merged": "Also write a merged full model to output_dir/merged.",
-    "resume": "Resume from 'latest' or a checkpoint path.",
+    "resume": "Resume from 'latest' or a checkpoint path (only a checkpoint of the same run, same config).",
+    "overwrite_output_dir": "Replace the run already in output_dir (its checkpoints and metrics); without it a fresh run into a used output_dir is refused.",
+    "save_total_limit": "Keep only the newest N complete checkpoints (default: all).",
+    "resume_from_checkpoint": "TRL's resume flag: a checkpoint path, or true (alone: --resume_from_checkpoint) for the latest checkpoint of the run in output_dir.",
+    "run_name": "A name for the run (logs, config.json, model card); default: the output_dir name.",
     "loss_chunk_size": "Tokens per chunk of the chunked fused JSD; setting it forces that path (default: automatic, ~1M logits per chunk, used for large inputs).",
     "torch_num_threads": "CPU threads for the learner's torch ops (default: torch's); 1 avoids thread thrashing when a CPU rollout server shares few cores.",
     "lmbda": "Share of micro-batches trained on the student's own samples (on-policy), in [0, 1].",
@@ -171,7 +180,7 @@ HELP: dict[str, str] = {
     "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
-    "max_staleness": "Never train on rollouts more than N policy versions old.",
+    "max_staleness": "Never train on rollouts more than N policy versions old; 0 (TRL's strict on-policy) still overlaps sampling with training inside an optimizer step, >= 1 also across steps.",
     "max_inflight": "Rollout requests kept in flight ahead of training.",
     "token": "Shared secret for the server's control channel (env GKD_TOKEN).",
     "server_host": "Rollout server bind host.",
@@ -253,6 +262,16 @@ def validate(cfg: Config) -> list[str]:
         "in (0, max_length)",
     )
     need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
+    need(
+        t.save_total_limit is None or t.save_total_limit > 0,
+        "save_total_limit",
+        t.save_total_limit,
+        "a positive integer",
+    )
+    if t.resume and _trl_resume(t) and _trl_resume(t) != t.resume:
+        errs.append(
+            f"resume={t.resume!r} and resume_from_checkpoint={t.resume_from_checkpoint!r} disagree: give one of them"
+        )
     need(r.sync_steps > 0, "sync_steps", r.sync_steps, "a positive integer")
     need(r.max_staleness >= 0, "max_staleness", r.max_staleness, ">= 0")
     need(r.max_inflight > 0, "max_inflight", r.max_inflight, "a positive integer")
@@ -290,6 +309,21 @@ def validate(cfg: Config) -> list[str]:
             f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}"
         )
     return errs
+
+
+def resume_target(cfg: Config) -> str | None:
+    """What to resume from: None (a fresh run), "latest" or a checkpoint path.
+
+    `--resume latest|PATH` is ours; TRL's `--resume_from_checkpoint` takes a path or true (latest).
+    """
+    return cfg.train.resume or _trl_resume(cfg.train)
+
+
+def _trl_resume(t: TrainConfig) -> str | None:
+    rfc = t.resume_from_checkpoint
+    if rfc is None or rfc.strip().lower() in ("", "0", "false", "no", "none"):
+        return None
+    return "latest" if rfc.strip().lower() in ("1", "true", "yes", "latest") else rfc
 
 
 def _valid_device(dev: str) -> bool:
@@ -415,6 +449,8 @@ def build_parser(
         defaults = cls()
         for name, typ in get_type_hints(cls).items():
             kw = argkw(typ)
+            if name in _BARE_VALUE:  # TRL: `--resume_from_checkpoint` alone means the latest one
+                kw.update(nargs="?", const=_BARE_VALUE[name])
             # The seed's spelling (underscores) first; the dashed spelling is accepted too.
             flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
             grp.add_argument(
@@ -423,6 +459,9 @@ def build_parser(
     for flag, kw in extra or []:
         p.add_argument(flag, **kw)
     return p
+
+
+_BARE_VALUE = {"resume_from_checkpoint": "true"}
 
 
 def argkw(typ: Any) -> dict[str, Any]:
@@ -474,13 +513,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return d
 
 
-def write_resolved(cfg: Config, output_dir: str | os.PathLike) -> Path:
-    """Write the resolved config as output_dir/config.json (secrets redacted)."""
+def write_resolved(cfg: Config, output_dir: str | os.PathLike, run: dict[str, Any] | None = None) -> Path:
+    """Write the resolved config as output_dir/config.json (secrets redacted), with the run's
+    identity (id, config hash) under the key "run" when given."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    d = to_dict(cfg)
+    if run is not None:
+        d["run"] = run
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
 
@@ -488,6 +531,7 @@ def write_resolved(cfg: Config, output_dir: str | os.PathLike) -> Path:
 def from_json(path: str | os.PathLike) -> Config:
     """Load a config.json written by write_resolved (a redacted token comes back as None)."""
     d = json.loads(Path(path).read_text())
+    d.pop("run", None)  # the run's identity, not a setting
     if d.get("rollout", {}).get("token") == "***":
         d["rollout"]["token"] = None
     return to_config(d)

@@ -121,13 +121,20 @@ class Case:
     ok: bool = False  # counted, not fatal
 
 
-def learner(*extra: str, token: str | None = TOKEN, server: bool = True) -> Callable[[Ctx, Path], list[str]]:
-    """`python -m learner` on the tiny models; flags given later override earlier ones (argparse)."""
+def learner(
+    *extra: str, token: str | None = TOKEN, server: bool = True, overwrite: bool = True
+) -> Callable[[Ctx, Path], list[str]]:
+    """`python -m learner` on the tiny models; flags given later override earlier ones (argparse).
+
+    With --overwrite_output_dir by default: even allowed to replace the earlier run, a failing run
+    must leave it untouched (it is cleared only once everything checked out).
+    """
 
     def build(c: Ctx, out: Path) -> list[str]:
-        url = c.url() if server else "tcp://127.0.0.1:9"  # config errors never reach the server
+        url = c.url() if server else "tcp://127.0.0.1:9"  # these errors come before any server wait
         argv = learner_argv(c.models, c.data, out, url, "--max_steps", "2", "--reconnect_deadline_s", "20")
         argv += ["--token", token] if token is not None else []
+        argv += ["--overwrite_output_dir"] if overwrite else []
         return argv + [a.format(files=c.files, student=c.models.student) for a in extra]
 
     return build
@@ -245,6 +252,11 @@ CASES = [
         ("a_file", "cannot be written", "--output_dir"),
     ),
     Case(
+        "output_dir_holds_a_run",
+        learner(server=False, overwrite=False),
+        ("already holds a run", "--resume latest", "--overwrite_output_dir"),
+    ),
+    Case(
         "tokenizers_disagree",
         learner("--teacher_model_name_or_path", "{files}/other_teacher"),
         ("tokenizers disagree", "share one tokenizer"),
@@ -252,15 +264,13 @@ CASES = [
     ),
     Case(
         "dataset_missing_columns",
-        learner("--dataset_name", "{files}/columns.jsonl"),
+        learner("--dataset_name", "{files}/columns.jsonl", server=False),
         ("['answer', 'question']", "expected 'messages'"),
-        server=True,
     ),
     Case(
         "dataset_empty",
-        learner("--dataset_name", "{files}/empty.jsonl"),
+        learner("--dataset_name", "{files}/empty.jsonl", server=False),
         ("empty.jsonl", "is empty"),
-        server=True,
     ),
     Case(
         "prompt_over_max_length",
@@ -335,6 +345,38 @@ def test_bad_input(case: Case, ctx: Ctx, tmp_path):
     assert tree(out) == before, "the failed run changed the output directory"
     if case.server:
         _assert_serving(ctx)
+
+
+@pytest.mark.slow  # starts learner processes (no server)
+@pytest.mark.parametrize("name,says", [("columns.jsonl", "expected 'messages'"), ("empty.jsonl", "is empty")])
+def test_bad_data_fails_fast_before_any_server_wait(name, says, ctx: Ctx, tmp_path):
+    """The dataset is checked before the learner waits for a server (default deadline 120 s) or
+    loads a model: with no server anywhere, exit 2 within 30 s (issue 16)."""
+    argv = learner(server=False)(ctx, tmp_path / "out") + ["--dataset_name", str(ctx.files / name)]
+    argv += ["--reconnect_deadline_s", "120"]
+    r = subprocess.run(argv, cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and says in last_line(r.stderr), r.stderr[-3000:]
+    assert "waiting for rollout server" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow  # starts learner processes (no server)
+def test_push_to_hub_is_refused_at_start_without_a_token_or_a_hub(ctx: Ctx, tmp_path):
+    """--push_to_hub checks the token and the hub before any model loads (issue 16): no token, or a
+    hub that cannot be reached, is one line and exit 2 in seconds, with no server running."""
+    base = learner(server=False)(ctx, tmp_path / "out") + ["--push_to_hub", "--hub_model_id", "me/gkd"]
+    env = {k: v for k, v in learner_env().items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_IMPLICIT_TOKEN="1")
+    r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no Hugging Face token" in last_line(r.stderr), r.stderr[-3000:]
+    from conftest import _free_port
+
+    env.update(
+        HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT=f"http://127.0.0.1:{_free_port()}"
+    )  # nothing listens
+    r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    line = last_line(r.stderr)
+    assert r.returncode == 2 and "does not accept the token" in line, r.stderr[-3000:]
+    assert "waiting for rollout server" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def _assert_serving(c: Ctx) -> None:

@@ -48,7 +48,7 @@ from learner.metrics import read
 
 FLAGS = {"max_lora_rank": 64}  # test_learner_integration.py's configuration: one engine for both files
 PROMPTS_PER_STEP = 4  # learner_argv: per_device_train_batch_size 2 x gradient_accumulation_steps 2
-MAX_STALENESS = 1  # the learner's default
+MAX_STALENESS = 0  # the learner's default (strictly on-policy, as TRL)
 NOTICE_S = 30  # a lost server is noticed at the next call to it: within one micro-batch (seconds; ~15 s on 2 busy cores)
 
 
@@ -204,11 +204,10 @@ def test_resume_skips_partial_and_corrupt_checkpoints(tmp_path):
     good = checkpoint.checkpoints_dir(out) / "step-2"
     tmp, no_manifest, corrupt = _plant_broken_checkpoints(out, good, 2)
     assert checkpoint.find_latest(out) == good
-    assert checkpoint.resolve("latest", out) == good
     assert checkpoint.load(good)["state"].policy_version == 12
     for bad in (no_manifest, corrupt, tmp):
         with pytest.raises(UserError, match="not a complete checkpoint"):
-            checkpoint.resolve(str(bad), out)
+            checkpoint.require_complete(bad)
     # A manifest that is not even JSON is just as incomplete.
     (corrupt / checkpoint.MANIFEST).write_text("{ truncated")
     assert checkpoint.find_latest(out) == good
@@ -531,3 +530,54 @@ def test_server_killed_mid_run_and_restarted(server, server_pool, tiny_models, t
     assert served[0] == events[0]["policy_version"] and served[0] in versions + [versions[0] - 1]
     assert served == sorted(served) and served[-1] == versions[-1] == server_version(restarted)
     assert "rollout server" in output and "is back after" in output
+
+
+@pytest.mark.slow
+def test_no_version_is_reused_across_a_server_restart(
+    server, server_pool, tiny_models, tiny_dataset, tmp_path
+):
+    """sync_steps 4: the server is killed after step 5, while the adapter has trained one step past
+    its last push (version v, step 4). The restarted server must not get that newer adapter as v
+    again: a version number names one adapter (its sha256, logged per push), never two."""
+    out, log, n_steps = tmp_path / "run", tmp_path / "learner.log", 9
+    argv = learner_argv(
+        tiny_models,
+        tiny_dataset,
+        out,
+        server.url,
+        "--max_steps",
+        str(n_steps),
+        "--sync_steps",
+        "4",
+        "--save_steps",
+        "100",
+        "--lmbda",
+        "1",
+        "--max_staleness",
+        "3",
+        "--reconnect_deadline_s",
+        "400",
+    )
+    proc = start_learner(argv, log)
+    try:
+        wait_until(lambda: logged_step(out) >= 5, 600, "step 5", proc, log)
+        kill_pid(server.proc)
+        wait_until(lambda: "lost" in log.read_text(), 60, "the learner to notice", proc, log)
+        restarted = start_server(
+            server_pool.model, tmp_path / "restarted-server.log", port=server.port, **server.args
+        )
+        server_pool.current = restarted
+        proc.wait(600)
+    finally:
+        kill_pid(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    pushes = [r for r in read(out) if r.get("event") == "push"]
+    names: dict[int, set[str]] = {}
+    for p in pushes:
+        names.setdefault(p["policy_version"], set()).add(p["sha256"])
+    assert all(len(s) == 1 for s in names.values()), names
+    before = [p["policy_version"] for p in pushes if p["step"] <= 4]
+    reconnect = next(r for r in read(out) if r.get("event") == "reconnect")
+    assert reconnect["policy_version"] == max(before) + 1  # the trained-on adapter got a new number
+    served = [int(v) for v in re.findall(r"serving policy version (\d+)", restarted.log())]
+    assert served[0] == max(before) + 1 and served == sorted(served)

@@ -407,38 +407,6 @@ def test_canary_mismatch_is_a_hard_error(tiny_models, tiny_dataset, tmp_path, se
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _train_rows(tmp_path / "run")
 
 
-def test_push_to_hub_without_network_fails_after_saving(tiny_models, tiny_dataset, tmp_path, server):
-    from learner.errors import UserError
-
-    out = tmp_path / "run"
-    with pytest.raises(
-        UserError, match=r"push_to_hub to 'gkd-service-tests/not-ours' failed .* saved locally"
-    ):
-        run(
-            _cfg(
-                tiny_models,
-                tiny_dataset,
-                out,
-                server.url,
-                "--max_steps",
-                "1",
-                "--lmbda",
-                "0",
-                "--push_to_hub",
-                "--hub_model_id",
-                "gkd-service-tests/not-ours",
-            )
-        )
-    for name in (
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "README.md",
-        "metrics.jsonl",
-        "config.json",
-    ):
-        assert (out / name).exists(), name
-
-
 def test_two_learner_processes_over_gloo(tiny_models, tiny_dataset, tmp_path, server):
     """torchrun, 2 CPU ranks: both step, gradients are averaged (same weights), one push per sync."""
     import re

@@ -303,7 +303,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     torch.manual_seed(1)
     path, adapter, opt = _save(tmp_path, 3)
     expect = (random.random(), torch.rand(2).tolist())
-    ck = checkpoint.load(checkpoint.resolve("latest", tmp_path))
+    ck = checkpoint.load(checkpoint.find_latest(tmp_path))
     checkpoint.restore_rng(ck)
     assert (random.random(), torch.rand(2).tolist()) == expect
     assert ck["state"] == TrainState(step=3, policy_version=4, cursor=Cursor(1, 3), micro_batches=12)
@@ -322,10 +322,9 @@ def test_resume_latest_ignores_incomplete_checkpoints(tmp_path):
     half.mkdir()
     (half / "state.json").write_text("{}")
     assert checkpoint.find_latest(tmp_path) == good
-    assert checkpoint.resolve("latest", tmp_path) == good
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        checkpoint.resolve(str(newer), tmp_path)
-    assert checkpoint.resolve("latest", tmp_path / "nothing-here") is None
+        checkpoint.require_complete(newer)
+    assert checkpoint.find_latest(tmp_path / "nothing-here") is None
 
 
 def test_failed_checkpoint_write_is_a_user_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
