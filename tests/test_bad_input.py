@@ -368,10 +368,10 @@ def test_push_to_hub_is_refused_at_start_without_a_token_or_a_hub(ctx: Ctx, tmp_
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_IMPLICIT_TOKEN="1")
     r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no Hugging Face token" in last_line(r.stderr), r.stderr[-3000:]
-    from conftest import _free_port
+    from shared.procs import free_port
 
     env.update(
-        HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT=f"http://127.0.0.1:{_free_port()}"
+        HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}"
     )  # nothing listens
     r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     line = last_line(r.stderr)
