@@ -163,7 +163,11 @@ def test_server_starts_on_a_short_context_model_and_answers_while_starting(tmp_p
                 c.generate(too_long)
             assert "512" in e.value.message
             ok = c.generate(
-                GenerateRequest(request_id="ok", prompts=[Prompt(prompt_id="x", token_ids=[5] * 480)])
+                GenerateRequest(
+                    request_id="ok",
+                    prompts=[Prompt(prompt_id="x", token_ids=[5] * 480)],
+                    sampling=SamplingSpec(max_new_tokens=16),
+                )
             )
             assert ok.completions[0].token_ids
     finally:
