@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 from collections.abc import AsyncGenerator
@@ -34,6 +35,12 @@ from typing import Any
 log = logging.getLogger("gkd.rollout_server")
 
 ROUTES = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/version"})
+VERSION_HEADER = "x-gkd-policy-version"
+
+# Per HTTP request: the policy versions its engine requests ran on (filled by LiveStudent.generate,
+# read by PolicyVersionHeader). A list set by the middleware, so tasks that vLLM spawns for the
+# request (which copy the context) append to the same one.
+_versions: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("gkd_versions", default=None)
 
 
 class LiveStudent:
@@ -51,13 +58,41 @@ class LiveStudent:
     async def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, *, lora_request: Any = None, **kw: Any
     ) -> AsyncGenerator[Any, None]:
-        async with self._service.admitted():
+        async with self._service.admitted() as version:
+            seen = _versions.get()
+            if seen is not None:
+                seen.append(version)
             # Read after admission: a lora push swaps the adapter only while the gate is closed.
             lora = lora_request if lora_request is not None else self._engine.lora_request
             inner = self._engine.client.generate(prompt, sampling_params, request_id, lora_request=lora, **kw)
             async with contextlib.aclosing(inner):  # a client that hangs up aborts its request
                 async for out in inner:
                     yield out
+
+
+class PolicyVersionHeader:
+    """ASGI middleware: a reply whose engine requests all ran before its headers went out (every
+    non-streaming one) says which policy version produced it in `x-gkd-policy-version` (versions,
+    comma-separated, if a push fell between the prompts of one request). A stream sends its headers
+    first, so it carries none; each of its requests still runs on one version."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen: list[int] = []
+        _versions.set(seen)
+
+        async def send_with_version(message: Any) -> None:
+            if message["type"] == "http.response.start" and seen:
+                headers = list(message.get("headers", []))
+                headers.append((VERSION_HEADER.encode(), ",".join(map(str, sorted(set(seen)))).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
 
 
 def vllm_args(model: str, served_name: str, token: str | None) -> Any:
@@ -115,7 +150,7 @@ class HttpServer:
         await init_app_state(client, app.state, args, tasks)
         debug = log.isEnabledFor(logging.DEBUG)
         config = uvicorn.Config(
-            app,
+            PolicyVersionHeader(app),  # outermost (vLLM's app has built its middleware stack)
             log_level="debug" if debug else "warning",
             access_log=debug,
             timeout_graceful_shutdown=2,  # open streams are cut after this at exit

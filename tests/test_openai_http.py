@@ -46,17 +46,18 @@ def http_status(srv, path: str, token: str | None = None, body: bytes | None = N
 
 def greedy_pair(srv, client, max_tokens: int = 16) -> tuple[list[list[int]], list[list[int]], int]:
     """Greedy completions of PROMPTS (token ids) over HTTP and over ZeroMQ on the same server:
-    (http token ids, zmq token ids, the zmq reply's policy version)."""
-    http = []
+    (http token ids, zmq token ids, the policy version both replies say produced them)."""
+    http, versions = [], set()
     for p in PROMPTS:
-        r = client.completions.create(
+        raw = client.completions.with_raw_response.create(
             model="student",
             prompt=p,
             max_tokens=max_tokens,
             temperature=0,
             extra_body={"return_token_ids": True},
         )
-        http.append(list(r.choices[0].model_extra["token_ids"]))
+        versions.add(int(raw.headers["x-gkd-policy-version"]))
+        http.append(list(raw.parse().choices[0].model_extra["token_ids"]))
     req = GenerateRequest(
         request_id="greedy",
         prompts=[Prompt(prompt_id=f"p{i}", token_ids=p) for i, p in enumerate(PROMPTS)],
@@ -64,6 +65,7 @@ def greedy_pair(srv, client, max_tokens: int = 16) -> tuple[list[list[int]], lis
     )
     with srv.client() as c:
         reply = c.generate(req)
+    assert versions == {reply.policy_version}
     return http, [list(x.token_ids) for x in reply.completions], reply.policy_version
 
 
