@@ -166,7 +166,13 @@ def serve(s: ServerSettings) -> int:
         resources.insert(0, service)
         if http is not None:
             try:
-                http.start(engine, service, served_name=s.role, token=s.token)
+                http.start(
+                    engine,
+                    service,
+                    served_name=s.role,
+                    token=s.token,
+                    max_bytes=s.max_message_mb * 1024 * 1024,
+                )
             except Exception as e:  # noqa: BLE001 - one line at the process edge
                 log.debug("http start failed", exc_info=True)
                 raise _Exit(

@@ -95,6 +95,32 @@ class PolicyVersionHeader:
         await self.app(scope, receive, send_with_version)
 
 
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over `--max_message_mb` is refused (413)
+    before its body is read, as on the ZeroMQ port."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                body = (
+                    b'{"error": {"message": "request body over the server\'s --max_message_mb", "code": 413}}'
+                )
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def vllm_args(model: str, served_name: str, token: str | None) -> Any:
     """The argparse Namespace vLLM's app expects, from vLLM's own `vllm serve` parser."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -132,12 +158,12 @@ class HttpServer:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, engine: Any, service: Any, served_name: str, token: str | None) -> None:
+    def start(self, engine: Any, service: Any, served_name: str, token: str | None, max_bytes: int) -> None:
         """Build vLLM's app on the engine loop and start listening (returns once it listens)."""
         self._loop = engine.loop
-        engine.call(self._start(LiveStudent(engine, service), served_name, token), timeout_s=300)
+        engine.call(self._start(LiveStudent(engine, service), served_name, token, max_bytes), timeout_s=300)
 
-    async def _start(self, client: LiveStudent, served_name: str, token: str | None) -> None:
+    async def _start(self, client: LiveStudent, served_name: str, token: str | None, max_bytes: int) -> None:
         import uvicorn
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
@@ -150,7 +176,8 @@ class HttpServer:
         await init_app_state(client, app.state, args, tasks)
         debug = log.isEnabledFor(logging.DEBUG)
         config = uvicorn.Config(
-            PolicyVersionHeader(app),  # outermost (vLLM's app has built its middleware stack)
+            # Ours outermost (vLLM's app has built its middleware stack already).
+            BodyLimit(PolicyVersionHeader(app), max_bytes),
             log_level="debug" if debug else "warning",
             access_log=debug,
             timeout_graceful_shutdown=2,  # open streams are cut after this at exit

@@ -8,6 +8,7 @@ the next version, and no test needs version 0.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.error
@@ -86,6 +87,13 @@ class TestLoopback:
         # Only the OpenAI routes: vLLM's admin routes would change the engine behind the service.
         assert http_status(server, "/scale_elastic_ep", body=b"{}") == 404
         assert http_status(server, "/v1/load_lora_adapter", body=b"{}") == 404
+        # A body over --max_message_mb is refused from its Content-Length, before it is sent.
+        too_big = server.args["max_message_mb"] * 1024 * 1024 + 1
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
+            sock.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {too_big}\r\n\r\n".encode()
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413")
 
     def test_stream_yields_many_chunks_and_the_same_text(self, server):
         client = openai_client(server)
@@ -159,6 +167,7 @@ class TestLoopback:
                 done.set()
 
         t = threading.Thread(target=stream, daemon=True)
+        t_stream = time.perf_counter()
         t.start()
         assert first_chunk.wait(120)
         assert not done.is_set(), "the stream ended before the rollout was sent"
@@ -168,10 +177,11 @@ class TestLoopback:
             during_s = time.perf_counter() - t0
         answered_first = not done.is_set()
         t.join(300)
+        stream_s = time.perf_counter() - t_stream
         assert done.is_set() and len(n_chunks) > 100
         assert 0 < len(reply.completions[0].token_ids) <= 8  # EOS may end it early (after a push)
         assert answered_first, f"the rollout ({during_s:.2f} s; {alone_s:.2f} s alone) waited for the stream"
-        print(f"rollout alone {alone_s:.3f} s, during a 900-token stream {during_s:.3f} s")
+        print(f"rollout alone {alone_s:.3f} s, during a 900-token stream ({stream_s:.2f} s) {during_s:.3f} s")
 
     def test_http_serves_the_pushed_weights_merged(self, server, make_adapter):
         before, _, v0 = greedy_pair(server, openai_client(server))
