@@ -303,9 +303,11 @@ def test_ray_job_two_replicas_two_learner_workers(ray_cluster, tiny, tmp_path):
     # Both replicas were in the learner's set, and each ends at the final version (the job asks
     # every actor its status after the learner finished).
     assert {f["replica"] for f in train[-1]["replicas"]} == {"ray://t-pair-0", "ray://t-pair-1"}
-    ends = {}
+    ends, served = {}, {}
     for ln in logs.splitlines():
         if ln.startswith("deploy.ray_job: replica ray://"):
             name, _, rest = ln.removeprefix("deploy.ray_job: replica ").partition(" at policy version ")
             ends[name] = int(rest.split(",")[0])
+            served[name] = int(rest.split("served ")[1].split()[0])
     assert ends == {"ray://t-pair-0": final, "ray://t-pair-1": final}, (ends, logs[-4000:])
+    assert all(n > 0 for n in served.values()), served  # routing used both
