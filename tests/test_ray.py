@@ -291,6 +291,7 @@ def test_ray_job_two_replicas_two_learner_workers(ray_cluster, tiny, tmp_path):
     sid = _submit(ray_cluster, args)
     status, logs, secs = _wait_job(ray_cluster, sid, deadline_s=1200)
     print(f"ray job {sid}: {status} in {secs:.0f} s")
+    print("\n".join(ln for ln in logs.splitlines() if ln.startswith("deploy.ray_job:")))
     assert status == "SUCCEEDED", f"job {sid} ended {status} after {secs:.0f} s; logs:\n{logs[-8000:]}"
     assert "2 learner worker(s)" in logs and "(gloo)" in logs, logs[-4000:]
     assert "against ray://t-pair-0,ray://t-pair-1" in logs, logs[-4000:]
