@@ -37,17 +37,17 @@ PROG = "deploy.ray_job"
 EXTRA: list[tuple[str, dict[str, Any]]] = [
     (
         "--rollout_num_cpus",
-        dict(type=float, default=1.0, help="CPUs reserved for the rollout actor (default 1)."),
+        dict(type=float, default=1.0, help="CPUs reserved for each rollout actor (default 1)."),
     ),
     (
         "--rollout_num_gpus",
-        dict(type=float, default=0.0, help="GPUs for the rollout actor; 0 runs vLLM on CPU (default 0)."),
+        dict(type=float, default=0.0, help="GPUs for each rollout actor; 0 runs vLLM on CPU (default 0)."),
     ),
     (
         "--learner_num_cpus",
-        dict(type=float, default=1.0, help="CPUs reserved for the learner task (default 1)."),
+        dict(type=float, default=1.0, help="CPUs reserved for each learner worker (default 1)."),
     ),
-    ("--learner_num_gpus", dict(type=float, default=0.0, help="GPUs for the learner task (default 0).")),
+    ("--learner_num_gpus", dict(type=float, default=0.0, help="GPUs for each learner worker (default 0).")),
     (
         "--actor_name",
         dict(
