@@ -183,16 +183,21 @@ class MismatchMonitor:
 
     `pushed(v)` arms the check for version v; the first on-policy batch that the server labelled v
     and that the learner trains while still at v (so both sides hold exactly the pushed weights)
-    is checked against `bound`, then the check disarms until the next push.
+    is checked against `bound`, then the check disarms until the next push. With `hard_check`
+    False (a student whose dropout is active: its training-mode logprobs are noisy on purpose) the
+    figures are still kept but nothing is checked.
     """
 
-    def __init__(self, learner_dtype: torch.dtype, serving_dtype: str, tf32: bool = False):
+    def __init__(
+        self, learner_dtype: torch.dtype, serving_dtype: str, tf32: bool = False, hard_check: bool = True
+    ):
         self.learner_dtype, self.serving_dtype, self.tf32 = learner_dtype, serving_dtype, tf32
+        self.hard_check = hard_check
         self.pending: int | None = None  # the version pushed last and not yet checked
         self.window = MismatchStats()  # since the last `take`
 
     def pushed(self, version: int) -> None:
-        self.pending = version
+        self.pending = version if self.hard_check else None
 
     def observe(self, stats: MismatchStats, server_version: int, learner_version: int) -> str:
         """Count `stats` (one on-policy batch); return the after-push problem line, or ""."""

@@ -133,7 +133,14 @@ class GKDRecipe:
 
         self.m = load_models(cfg)
         self.dtype = next(self.m.student.parameters()).dtype
-        self.mismatch = MismatchMonitor(self.dtype, status.dtype, tf32=self.m.device.type == "cuda")
+        dropout = any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in self.m.student.modules())
+        if dropout:
+            log.warning(
+                "dropout is on (--disable_dropout false): the policy-mismatch check after pushes is off"
+            )
+        self.mismatch = MismatchMonitor(
+            self.dtype, status.dtype, tf32=self.m.device.type == "cuda", hard_check=not dropout
+        )
         self.canary = canary_ids(self.m.tokenizer)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size
         self.total_steps = (

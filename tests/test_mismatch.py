@@ -123,3 +123,22 @@ def test_monitor_bf16_bound_tolerates_rounding_but_not_a_wrong_policy():
     assert mon.observe(_stats(0.03), 1, 1) == ""
     mon.pushed(2)
     assert "bound 0.1" in mon.observe(_stats(0.4), 2, 2)
+
+
+def test_monitor_without_hard_check_keeps_figures_and_never_fails():
+    mon = mm.MismatchMonitor(torch.float32, "float32", hard_check=False)
+    mon.pushed(1)
+    assert mon.observe(_stats(0.5), 1, 1) == ""
+    assert mon.take()["mismatch/mean_abs_logprob"] == pytest.approx(0.5)
+
+
+def test_tf32_uses_the_low_precision_bound():
+    assert mm.bound(torch.float32, "float32", tf32=True) == mm.LOW_PRECISION_MEAN_ABS_BOUND
+    assert "with TF32" in mm.after_push_problem(
+        _stats(0.5),
+        server_version=1,
+        learner_version=1,
+        learner_dtype=torch.float32,
+        serving_dtype="float32",
+        tf32=True,
+    )
