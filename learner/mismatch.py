@@ -52,7 +52,7 @@ FP32_MEAN_ABS_BOUND = 1e-4
 # as above, learner and server both bf16, a CPU without avx512_bf16): healthy mean |d| 0.0079 to
 # 0.0128 over 5 steps at lr 1e-2; a stale server at lr 1e-3 gave 0.030, 0.056, 0.087, 0.100 at
 # steps 2-5 (it falls further behind with each push it drops). 0.05 is ~4x the healthy CPU figure and
-# the canary's own low-precision mean tolerance; it catches that stale server at its third push.
+# the canary's own low-precision mean tolerance; that stale server's logged figure crosses it at step 3.
 LOW_PRECISION_MEAN_ABS_BOUND = 0.05
 
 
