@@ -48,6 +48,7 @@ from shared.messages import (
     StatusRequest,
     decode_request,
     encode,
+    request_id_of,
 )
 
 log = logging.getLogger("gkd.rollout_server")
@@ -153,6 +154,7 @@ class RolloutService:
                     ErrorReply(
                         code="bad_request",
                         message=f"malformed message ({e}); send a msgpack Envelope from shared.messages",
+                        request_id=request_id_of(data),
                     )
                 )
             )
