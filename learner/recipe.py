@@ -30,15 +30,17 @@ from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
 from learner.metrics import MetricsLog
+from learner.mismatch import MismatchMonitor, align, token_mismatch
 from learner.models import load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
-from learner.rollouts import Rollouts, hf_generate
+from learner.rollouts import STUDENT, Rollouts, hf_generate
 from learner.signals import Interrupted, StopFlag
-from learner.step import collate, distill_loss
+from learner.step import IGNORE, collate, distill_forward
 from learner.sync import (
     adapter_sha,
     bring_server_to_checkpoint,
     canary_ids,
+    check_fingerprint,
     push_adapter,
     wait_for_server,
 )
@@ -111,7 +113,12 @@ class GKDRecipe:
         from shared.transport import connect
 
         self.url = rollout_url(cfg)
-        self.client = connect(self.url, token=cfg.rollout.token, timeout_s=cfg.rollout.request_timeout_s)
+        self.client = connect(
+            self.url,
+            token=cfg.rollout.token,
+            timeout_s=cfg.rollout.request_timeout_s,
+            max_message_mb=cfg.rollout.max_message_mb,
+        )
         status = wait_for_server(self.client, self.url, cfg.rollout.reconnect_deadline_s)
         self.reconnector = Reconnector(self.client, self.url, cfg.rollout.reconnect_deadline_s, self._resync)
         log.info(
@@ -122,9 +129,18 @@ class GKDRecipe:
             status.sync_mode,
             status.dtype,
         )
+        check_fingerprint(status, cfg.model.model_name_or_path, self.url)  # before anything is pushed
 
         self.m = load_models(cfg)
         self.dtype = next(self.m.student.parameters()).dtype
+        dropout = any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in self.m.student.modules())
+        if dropout:
+            log.warning(
+                "dropout is on (--disable_dropout false): the policy-mismatch check after pushes is off"
+            )
+        self.mismatch = MismatchMonitor(
+            self.dtype, status.dtype, tf32=self.m.device.type == "cuda", hard_check=not dropout
+        )
         self.canary = canary_ids(self.m.tokenizer)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size
         self.total_steps = (
@@ -248,6 +264,7 @@ class GKDRecipe:
                     push.canary_max_abs,
                 )
         self.state.policy_version = dist.broadcast_int(version, self.dist)
+        self.mismatch.pushed(self.state.policy_version)
 
     def _make_rollouts(self) -> Rollouts:
         cfg, m = self.cfg, self.m
@@ -322,6 +339,7 @@ class GKDRecipe:
             self.last_push, self.state.pushed_sha = push, push.sha256
             self.pushes.append(push)
         self.dirty = False
+        self.mismatch.pushed(served)
         return served
 
     def _server_lost(self, why: str, version: int) -> int:
@@ -443,7 +461,8 @@ class GKDRecipe:
                 continue
             batch = batch.to(m.device)
             teacher_device = m.teacher_device if m.teacher_device != m.device else None
-            loss = distill_loss(
+            on_policy = mb.source == STUDENT and mb.logprobs is not None
+            loss, learner_lp = distill_forward(
                 m.student,
                 m.teacher,
                 batch,
@@ -452,7 +471,13 @@ class GKDRecipe:
                 temperature=temperature,
                 teacher_device=teacher_device,
                 chunk_size=cfg.train.loss_chunk_size,
+                with_sampled_logprobs=on_policy,
             )
+            if on_policy:  # the server's logprobs of its own samples vs ours, from the same logits
+                stats = token_mismatch(learner_lp, align(mb.logprobs, batch.labels), batch.labels != IGNORE)
+                problem = self.mismatch.observe(stats, mb.policy_version, self.state.policy_version)
+                if problem:
+                    raise UserError(problem)
             (loss / accum).backward()
             losses.append(loss.item())
             tokens += batch.n_tokens
@@ -490,6 +515,7 @@ class GKDRecipe:
             except ServerUnavailable as e:
                 version = self._server_lost(str(e), version)
         st.policy_version = version
+        self.mismatch.pushed(version)
         self._log_pushes()
 
     def _log_pushes(self) -> None:
@@ -529,6 +555,7 @@ class GKDRecipe:
             "epoch": self.state.cursor.epoch + self.state.cursor.index / len(self.data.train),
             "data_epoch": self.state.cursor.epoch,
             "data_index": self.state.cursor.index,
+            **self.mismatch.take(),
         }
         push = getattr(self, "last_push", None)
         if push is not None:

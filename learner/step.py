@@ -9,10 +9,12 @@ from the attention mask so left padding does not shift positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from learner.loss import generalized_jsd_loss
+from learner.mismatch import SERVER_LOGPROB_TEMPERATURE, sampled_logprobs
 
 IGNORE = -100
 
@@ -69,6 +71,47 @@ def completion_logits(model, batch: Batch, vocab: int) -> torch.Tensor:
     return logits[..., :vocab]
 
 
+class DistillOut(NamedTuple):
+    loss: torch.Tensor  # scalar: mean generalized JSD over the completion tokens
+    # [B, C] fp32 student log p(label) at the server's logprob temperature (0 on padding), or None
+    sampled_logprobs: torch.Tensor | None
+
+
+def distill_forward(
+    student,
+    teacher,
+    batch: Batch,
+    *,
+    vocab: int,
+    beta: float,
+    temperature: float,
+    teacher_device=None,
+    chunk_size: int | None = None,
+    with_sampled_logprobs: bool = False,
+) -> DistillOut:
+    """The loss of `distill_loss`, plus (if asked) the student's logprob of each completion token
+    from the same logits, for the policy-mismatch check (learner.mismatch): no second forward."""
+    s_logits = completion_logits(student, batch, vocab)
+    lp = (
+        sampled_logprobs(s_logits, batch.labels, SERVER_LOGPROB_TEMPERATURE)
+        if with_sampled_logprobs
+        else None
+    )
+    with torch.no_grad():
+        tb = batch if teacher_device is None else batch.to(teacher_device)
+        t_logits = completion_logits(teacher, tb, vocab).to(s_logits.device)
+    loss = generalized_jsd_loss(
+        s_logits,
+        t_logits,
+        labels=batch.labels,
+        beta=beta,
+        temperature=temperature,
+        reduction="batchmean",
+        chunk_size=chunk_size,
+    )
+    return DistillOut(loss, lp)
+
+
 def distill_loss(
     student,
     teacher,
@@ -81,16 +124,13 @@ def distill_loss(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Generalized JSD (mean over completion tokens) of the student to the teacher on `batch`."""
-    s_logits = completion_logits(student, batch, vocab)
-    with torch.no_grad():
-        tb = batch if teacher_device is None else batch.to(teacher_device)
-        t_logits = completion_logits(teacher, tb, vocab).to(s_logits.device)
-    return generalized_jsd_loss(
-        s_logits,
-        t_logits,
-        labels=batch.labels,
+    return distill_forward(
+        student,
+        teacher,
+        batch,
+        vocab=vocab,
         beta=beta,
         temperature=temperature,
-        reduction="batchmean",
+        teacher_device=teacher_device,
         chunk_size=chunk_size,
-    )
+    ).loss

@@ -24,7 +24,8 @@ import msgspec
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_name_or_path: str | None = None
     teacher_model_name_or_path: str | None = None
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 on CUDA (with TF32 matmuls), float32 on CPU (learner.models.resolve_torch_dtype)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     model_revision: str = "main"
@@ -102,6 +103,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_port: int = 5555
     request_timeout_s: float = 600.0
     reconnect_deadline_s: float = 120.0
+    max_message_mb: int | None = None  # None: shared.messages.DEFAULT_MAX_MESSAGE_BYTES (512 MiB)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -125,7 +127,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
 HELP: dict[str, str] = {
     "model_name_or_path": "Student model: hub id or local directory.",
     "teacher_model_name_or_path": "Teacher model: hub id or local directory (required).",
-    "torch_dtype": "Weights dtype for student and teacher.",
+    "torch_dtype": "Weights dtype for student and teacher; auto = bfloat16 on CUDA (TF32 matmuls on), float32 on CPU.",
     "attn_implementation": "transformers attention implementation (eager, sdpa, flash_attention_2).",
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "model_revision": "Hub revision (branch, tag or commit) of the models.",
@@ -187,6 +189,7 @@ HELP: dict[str, str] = {
     "server_port": "Rollout server port.",
     "request_timeout_s": "Seconds to wait for one rollout reply.",
     "reconnect_deadline_s": "How long to retry an unreachable server before failing.",
+    "max_message_mb": "Largest message the learner sends or accepts, in MiB (default 512); a 7B adapter at r64 is ~650 MB in fp32: raise it here and the server's --max_message_mb.",
 }
 
 
@@ -278,6 +281,12 @@ def validate(cfg: Config) -> list[str]:
     need(0 < r.server_port < 65536, "server_port", r.server_port, "in [1, 65535]")
     need(r.request_timeout_s > 0, "request_timeout_s", r.request_timeout_s, "> 0")
     need(r.reconnect_deadline_s > 0, "reconnect_deadline_s", r.reconnect_deadline_s, "> 0")
+    need(
+        r.max_message_mb is None or r.max_message_mb > 0,
+        "max_message_mb",
+        r.max_message_mb,
+        "a positive integer",
+    )
     need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
     need(
         bool(m.teacher_model_name_or_path),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
     GenerateReply,
     PushAdapter,
@@ -52,6 +53,7 @@ class RayClient:
         timeout_s: float = 600.0,
         namespace: str = NAMESPACE,
         lookup_timeout_s: float = 60.0,
+        max_message_mb: int | None = None,
     ):
         import ray
 
@@ -64,6 +66,9 @@ class RayClient:
         self._token = token or ""
         self._timeout_s = timeout_s
         self._pending: dict[str, Any] = {}  # request_id -> ObjectRef of the encoded reply
+        # Larger messages are refused here, before they reach the object store (the actor's service
+        # applies the server's own --max_message_mb on its side).
+        self.max_bytes = max_message_mb * 1024 * 1024 if max_message_mb else DEFAULT_MAX_MESSAGE_BYTES
         self._actor = _lookup(actor_name, namespace, lookup_timeout_s)
 
     # ---- RolloutClient ----------------------------------------------------------------------
@@ -125,9 +130,14 @@ class RayClient:
     def _send(self, body: Request) -> Any:
         import ray
 
+        data = encode(Envelope(token=self._token, body=body))
+        if len(data) > self.max_bytes:
+            raise RemoteError(
+                "too_large",
+                f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // (1024 * 1024)}",
+            )
         # ray.put sends the payload through the object store explicitly (not inlined in the call).
-        data = ray.put(encode(Envelope(token=self._token, body=body)))
-        return self._actor.call.remote(data)
+        return self._actor.call.remote(ray.put(data))
 
     def _wait(self, ref: Any, timeout_s: float | None) -> Any:
         import ray
