@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared.messages import (
@@ -32,7 +31,7 @@ from shared.messages import (
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
+from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable, expect_reply
 
 if TYPE_CHECKING:
     from shared.messages import GenerateRequest, Request, ScoreRequest
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 NAMESPACE = "gkd"
 
 
-class RayClient:
+class RayClient(RolloutClient):
     """A RolloutClient talking to a named RolloutActor through Ray."""
 
     def __init__(
@@ -87,21 +86,10 @@ class RayClient:
         del self._pending[request_id]
         return expect_reply(reply, kind)
 
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
-
-    def push_adapter(
-        self,
-        msg: PushAdapter | Any,
-        timeout_s: float | None = None,
-        verify: Callable[[PushReply], None] | None = None,
-    ) -> PushReply:
+    def _push(self, msg: PushAdapter | Any, timeout_s: float | None) -> PushReply:
         """`msg` may also be what `share` returned: the same object-store copy for every actor."""
         ref = self._send(msg) if isinstance(msg, PushAdapter) else self._actor.call.remote(msg)
-        reply = expect_reply(self._wait(ref, timeout_s), PushReply)
-        if verify is not None:
-            verify(reply)
-        return reply
+        return expect_reply(self._wait(ref, timeout_s), PushReply)
 
     def share(self, msg: PushAdapter) -> Any:
         """Put the encoded push in the object store once; any RayClient of the same token can push
@@ -113,13 +101,8 @@ class RayClient:
     def status(self, timeout_s: float | None = None) -> Status:
         return expect_reply(self._wait(self._send(StatusRequest()), timeout_s), Status)
 
-    submit_score = submit  # score requests carry an id too
-
     def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
         return self.result(request_id, timeout_s, kind=ScoreReply)
-
-    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
-        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         # Dropping the refs is all there is: the actor belongs to whoever started it, not to us.
