@@ -556,6 +556,8 @@ class GKDRecipe:
             "data_epoch": self.state.cursor.epoch,
             "data_index": self.state.cursor.index,
         }
+        if self.teacher.remote:  # time blocked on teacher scores, and positions scored, since the start
+            row.update(teacher_wait_s=self.teacher.wait_s, teacher_positions=self.teacher.positions)
         push = getattr(self, "last_push", None)
         if push is not None:
             row.update(reload_s=push.reload_s, push_s=push.push_s, canary_max_abs=push.canary_max_abs)
