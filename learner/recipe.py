@@ -487,10 +487,9 @@ class GKDRecipe:
         batch = collate(prompts, mb.completions, m.tokenizer.pad_token_id, cfg.data.max_length)
         if batch is None:
             return None, None
-        k = getattr(self.teacher, "train_k", None)
-        if k is None:
-            return batch.to(m.device), self.teacher.submit(prompts, mb.completions, cfg.data.max_length)
-        return batch.to(m.device), self.teacher.submit(prompts, mb.completions, cfg.data.max_length, k=k)
+        return batch.to(m.device), self.teacher.submit(
+            prompts, mb.completions, cfg.data.max_length, train=True
+        )
 
     def sync_if_due(self) -> None:
         st = self.state

@@ -45,7 +45,9 @@ class LocalTeacher:
         self.model, self.device, self.vocab = model, device, vocab
         self.pad_id, self.eos_id = pad_id, eos_id
 
-    def submit(self, prompts: list[list[int]], completions: list[list[int]], max_length: int) -> None:
+    def submit(
+        self, prompts: list[list[int]], completions: list[list[int]], max_length: int, *, train: bool = False
+    ) -> None:
         return None  # the forward runs in collect, on the batch itself
 
     @torch.no_grad()
@@ -104,13 +106,16 @@ class RemoteTeacher:
         self.wait_s = 0.0  # time blocked waiting for scores
 
     def submit(
-        self, prompts: list[list[int]], completions: list[list[int]], max_length: int, *, k: int | None = None
+        self, prompts: list[list[int]], completions: list[list[int]], max_length: int, *, train: bool = False
     ) -> Scoring:
-        """Send the batch for scoring (returns at once); k defaults to the evaluation's --teacher_topk."""
+        """Send the batch for scoring (returns at once): top train_k for the loss (train), else the
+        evaluation's --teacher_topk."""
         comps = fit_completions(prompts, completions, max_length)
         rows = [i for i, c in enumerate(comps) if c]
         seqs = [ScoreSequence(prompt_ids=list(prompts[i]), completion_ids=list(comps[i])) for i in rows]
-        req = ScoreRequest(request_id=f"score-{uuid.uuid4().hex[:12]}", sequences=seqs, k=k or self.k)
+        req = ScoreRequest(
+            request_id=f"score-{uuid.uuid4().hex[:12]}", sequences=seqs, k=self.train_k if train else self.k
+        )
         if seqs:
             self.client.submit_score(req)
         return Scoring(req, rows)
