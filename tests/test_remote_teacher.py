@@ -228,3 +228,30 @@ def test_bad_teacher_setups_exit_2_with_one_line(case, tiny_models, tiny_dataset
     line = last_line(log)
     assert line.startswith("gkd-learner: error:") and says in line, log[-3000:]
     assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_two_teacher_urls_are_one_replica_set(tiny_models, tiny_dataset, tmp_path, servers, relay):
+    """`--teacher_url a,b`: each URL is checked, then scores are routed over both. The second URL is
+    a TCP relay to the same teacher server (a second engine would not fit beside the others)."""
+    from learner.metrics import read
+
+    student, teacher = servers
+    second = relay(teacher.port)
+    argv = _remote_argv(
+        tiny_models,
+        tiny_dataset,
+        tmp_path / "out",
+        student.url,
+        f"{teacher.url},{second.url}",
+        "--max_steps",
+        "2",
+        "--loss_temperature",
+        "1",
+    )
+    rc, log = _run(argv, tmp_path)
+    assert rc == 0, log[-3000:]
+    assert f"teacher: remote {teacher.url},{second.url}" in log
+    train = [r for r in read(tmp_path / "out") if "loss" in r and "event" not in r]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) for r in train)
+    assert train[-1]["teacher_positions"] > 0
