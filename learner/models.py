@@ -25,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class Models:
     student: Any  # peft.PeftModel around the student base model (trainable LoRA only)
-    teacher: Any  # transformers model, eval mode, requires_grad False
+    teacher: Any  # transformers model, eval mode, requires_grad False; None with a teacher server
     tokenizer: Any  # the student's tokenizer (chat template, pad and eos ids)
     device: torch.device  # where the student lives
     teacher_device: torch.device  # where the teacher lives (may differ)
@@ -67,24 +67,30 @@ def load_models(cfg: Config) -> Models:
     for d in {device, teacher_device}:
         enable_tf32(d)
     tokenizer = load_tokenizer(m.model_name_or_path, cfg)
-    teacher_tok = load_tokenizer(m.teacher_model_name_or_path, cfg)
     student = _load_lm(
         m.model_name_or_path, cfg, "student", device, use_cache=not cfg.train.gradient_checkpointing
     )
-    teacher = _load_lm(m.teacher_model_name_or_path, cfg, "teacher", teacher_device, use_cache=True)
-    vocab = check_tokenizers(tokenizer, teacher_tok, _rows(student), _rows(teacher))
+    if m.teacher_url:  # a teacher server (learner.teacher) scores; its weights are never loaded here
+        teacher, teacher_device, vocab = None, device, _rows(student)
+    else:
+        teacher_tok = load_tokenizer(m.teacher_model_name_or_path, cfg)
+        teacher = _load_lm(m.teacher_model_name_or_path, cfg, "teacher", teacher_device, use_cache=True)
+        vocab = check_tokenizers(tokenizer, teacher_tok, _rows(student), _rows(teacher))
+        log.info("teacher: local %s on %s", m.teacher_model_name_or_path, teacher_device)
 
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep PEFT's graph alive.
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.enable_input_require_grads()
     student = add_lora(student, cfg)
-    teacher.eval().requires_grad_(False)
     if cfg.train.disable_dropout:
         disable_dropout(student)
-        disable_dropout(teacher)
     student.to(device)
-    teacher.to(teacher_device)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+        if cfg.train.disable_dropout:
+            disable_dropout(teacher)
+        teacher.to(teacher_device)
     return Models(student, teacher, tokenizer, device, teacher_device, vocab, lora_spec(student))
 
 

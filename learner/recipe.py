@@ -30,12 +30,18 @@ from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
 from learner.metrics import MetricsLog
-from learner.mismatch import MismatchMonitor, align, token_mismatch
+from learner.mismatch import (
+    SERVER_LOGPROB_TEMPERATURE,
+    MismatchMonitor,
+    align,
+    sampled_logprobs,
+    token_mismatch,
+)
 from learner.models import load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
-from learner.rollouts import STUDENT, Rollouts, hf_generate
+from learner.rollouts import STUDENT, Rollouts
 from learner.signals import Interrupted, StopFlag
-from learner.step import IGNORE, collate, distill_forward
+from learner.step import IGNORE, collate, completion_logits, targets_loss
 from learner.sync import (
     adapter_sha,
     bring_server_to_checkpoint,
@@ -44,6 +50,7 @@ from learner.sync import (
     push_adapter,
     wait_for_server,
 )
+from learner.teacher import LocalTeacher, open_remote
 from shared.config import Config, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
@@ -100,7 +107,8 @@ class GKDRecipe:
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
-        self.data = load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg), need_eval=self.eval_on)
+        tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg)
+        self.data = load_data(cfg, tokenizer, need_eval=self.eval_on)
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -129,9 +137,26 @@ class GKDRecipe:
             status.sync_mode,
             status.dtype,
         )
+        if status.role == "teacher":
+            raise UserError(
+                f"rollout_url {self.url} is a teacher server (--role teacher), which takes no pushes; give the "
+                "student's rollout server as --rollout_url and a teacher server as --teacher_url"
+            )
         check_fingerprint(status, cfg.model.model_name_or_path, self.url)  # before anything is pushed
+        # A teacher server is checked (role, tokenizer, top-k) before any model loads.
+        self.teacher = open_remote(cfg, tokenizer) if cfg.model.teacher_url else None
 
         self.m = load_models(cfg)
+        if self.teacher is None:
+            self.teacher = LocalTeacher(
+                self.m.teacher,
+                self.m.teacher_device,
+                vocab=self.m.vocab_size,
+                pad_id=self.m.tokenizer.pad_token_id,
+                eos_id=self.m.tokenizer.eos_token_id,
+            )
+        else:
+            self.teacher.vocab = self.m.vocab_size
         self.dtype = next(self.m.student.parameters()).dtype
         dropout = any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in self.m.student.modules())
         if dropout:
@@ -267,7 +292,7 @@ class GKDRecipe:
         self.mismatch.pushed(self.state.policy_version)
 
     def _make_rollouts(self) -> Rollouts:
-        cfg, m = self.cfg, self.m
+        cfg = self.cfg
         accum = cfg.train.gradient_accumulation_steps
         sampler = PromptSampler(len(self.data.train), cfg.train.seed, cursor=self.state.cursor)
         sampling = SamplingSpec(
@@ -275,14 +300,10 @@ class GKDRecipe:
         )
 
         def teacher_generate(examples, seed):
-            return hf_generate(
-                m.teacher,
+            return self.teacher.generate(
                 [e.prompt_ids for e in examples],
-                pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
-                device=m.teacher_device,
                 seed=seed,
             )
 
@@ -449,38 +470,32 @@ class GKDRecipe:
         accum = cfg.train.gradient_accumulation_steps
         temperature = cfg.gkd.loss_temperature or cfg.gkd.temperature
         losses, tokens = [], 0
-        for _ in range(accum):
-            mb = self.rollouts.next(self.state.policy_version)
-            batch = collate(
-                [e.prompt_ids for e in mb.examples],
-                mb.completions,
-                m.tokenizer.pad_token_id,
-                cfg.data.max_length,
-            )
-            if batch is None:
-                continue
-            batch = batch.to(m.device)
-            teacher_device = m.teacher_device if m.teacher_device != m.device else None
-            on_policy = mb.source == STUDENT and mb.logprobs is not None
-            loss, learner_lp = distill_forward(
-                m.student,
-                m.teacher,
-                batch,
-                vocab=m.vocab_size,
-                beta=cfg.gkd.beta,
-                temperature=temperature,
-                teacher_device=teacher_device,
-                chunk_size=cfg.train.loss_chunk_size,
-                with_sampled_logprobs=on_policy,
-            )
-            if on_policy:  # the server's logprobs of its own samples vs ours, from the same logits
-                stats = token_mismatch(learner_lp, align(mb.logprobs, batch.labels), batch.labels != IGNORE)
-                problem = self.mismatch.observe(stats, mb.policy_version, self.state.policy_version)
-                if problem:
-                    raise UserError(problem)
-            (loss / accum).backward()
-            losses.append(loss.item())
-            tokens += batch.n_tokens
+        remote = self.teacher.remote
+        ahead = self._next_scored()
+        for i in range(accum):
+            batch, pending, mb = ahead
+            more = i + 1 < accum
+            if remote and more:
+                # Pipelined: the next rollout goes to the teacher server(s) while we train on this one.
+                ahead = self._next_scored()
+            if batch is not None:
+                s_logits = completion_logits(m.student, batch, m.vocab_size)
+                if mb.source == STUDENT and mb.logprobs is not None:
+                    self._check_mismatch(s_logits, batch, mb)
+                loss = targets_loss(
+                    s_logits,
+                    self.teacher.collect(pending, batch),
+                    batch.labels,
+                    loss_type=cfg.gkd.loss_type,
+                    beta=cfg.gkd.beta,
+                    temperature=temperature,
+                    chunk_size=cfg.train.loss_chunk_size,
+                )
+                (loss / accum).backward()
+                losses.append(loss.item())
+                tokens += batch.n_tokens
+            if not remote and more:
+                ahead = self._next_scored()
         dist.average_gradients(self.params, self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
@@ -490,6 +505,30 @@ class GKDRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
         return mean_loss, tokens, float(grad_norm)
+
+    def _next_scored(self):
+        """The next micro-batch as tensors on the student's device, already sent for scoring: (batch, pending)."""
+        cfg, m = self.cfg, self.m
+        mb = self.rollouts.next(self.state.policy_version)
+        prompts = [e.prompt_ids for e in mb.examples]
+        batch = collate(prompts, mb.completions, m.tokenizer.pad_token_id, cfg.data.max_length)
+        if batch is None:
+            return None, None, mb
+        return (
+            batch.to(m.device),
+            self.teacher.submit(prompts, mb.completions, cfg.data.max_length, train=True),
+            mb,
+        )
+
+    def _check_mismatch(self, s_logits: torch.Tensor, batch, mb) -> None:
+        """The server's logprobs of its own samples against ours, from the loss's own logits (no
+        second forward); right after a push, beyond the dtype's bound, a hard error."""
+        with torch.no_grad():
+            learner_lp = sampled_logprobs(s_logits, batch.labels, SERVER_LOGPROB_TEMPERATURE)
+        stats = token_mismatch(learner_lp, align(mb.logprobs, batch.labels), batch.labels != IGNORE)
+        problem = self.mismatch.observe(stats, mb.policy_version, self.state.policy_version)
+        if problem:
+            raise UserError(problem)
 
     def sync_if_due(self) -> None:
         st = self.state
@@ -557,6 +596,8 @@ class GKDRecipe:
             "data_index": self.state.cursor.index,
             **self.mismatch.take(),
         }
+        if self.teacher.remote:  # time blocked on teacher scores, and positions scored, since the start
+            row.update(teacher_wait_s=self.teacher.wait_s, teacher_positions=self.teacher.positions)
         push = getattr(self, "last_push", None)
         if push is not None:
             row.update(reload_s=push.reload_s, push_s=push.push_s, canary_max_abs=push.canary_max_abs)
@@ -601,7 +642,7 @@ class GKDRecipe:
         teacher_c = self._teacher_texts()
         figures = evaluate(
             m.student,
-            m.teacher,
+            self.teacher,
             prompts,
             student_completions=student_c,
             teacher_completions=teacher_c,
@@ -611,7 +652,6 @@ class GKDRecipe:
             max_length=cfg.data.max_length,
             batch_size=cfg.train.per_device_train_batch_size,
             device=m.device,
-            teacher_device=m.teacher_device if m.teacher_device != m.device else None,
         )
         write_samples(
             self.out / "samples.jsonl",
@@ -645,19 +685,15 @@ class GKDRecipe:
 
     def _teacher_texts(self) -> list[list[int]]:
         """The dataset's completions; for prompt-only rows, teacher samples (generated once, cached)."""
-        cfg, m, ex = self.cfg, self.m, self.data.eval
+        cfg, ex = self.cfg, self.data.eval
         missing = [
             i for i, e in enumerate(ex) if e.completion_ids is None and i not in self.teacher_eval_cache
         ]
         if missing:
-            gen = hf_generate(
-                m.teacher,
+            gen = self.teacher.generate(
                 [ex[i].prompt_ids for i in missing],
-                pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
-                device=m.teacher_device,
                 seed=cfg.train.seed + 1,
             )
             self.teacher_eval_cache.update(zip(missing, gen))
@@ -730,6 +766,8 @@ class GKDRecipe:
             self.rollouts.close()
         if self.client is not None:
             self.client.close()
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.close()
         if self.metrics is not None:
             self.metrics.close()
         if hasattr(self, "dist"):

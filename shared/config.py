@@ -31,6 +31,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_revision: str = "main"
     device: str = "auto"
     teacher_device: str | None = None
+    teacher_url: str | None = None
 
 
 class LoraConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,6 +91,8 @@ class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_new_tokens: int = 128
     seq_kd: bool = False
     loss_temperature: float | None = None
+    teacher_topk: int = 20
+    loss_type: Literal["jsd", "sampled_rkl"] = "jsd"
 
 
 class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -133,6 +136,7 @@ HELP: dict[str, str] = {
     "model_revision": "Hub revision (branch, tag or commit) of the models.",
     "device": "Student device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.",
     "teacher_device": "Teacher device (default: the student's); the teacher may live on another device.",
+    "teacher_url": "Teacher server(s) (gkd-rollout-server --role teacher): tcp://host:port or ray://<actor name>, comma-separated for replicas (least-loaded); the teacher is then not loaded here and the loss is the top-k + tail JSD (or sampled RKL).",
     "use_peft": "Train a LoRA adapter (otherwise the LoRA defaults are still used: the service syncs adapters).",
     "lora_r": "LoRA rank.",
     "lora_alpha": "LoRA alpha (scale = alpha / r).",
@@ -179,6 +183,8 @@ HELP: dict[str, str] = {
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
     "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
+    "teacher_topk": "Top-k entries per position a remote teacher (--teacher_url) sends; the loss then has k + 1 bins (the top-k and the rest).",
+    "loss_type": "jsd: generalized JSD (full vocabulary, or top-k + tail with --teacher_url); sampled_rkl: sampled-token reverse KL (needs lmbda 1).",
     "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
@@ -289,11 +295,12 @@ def validate(cfg: Config) -> list[str]:
     )
     need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
     need(
-        bool(m.teacher_model_name_or_path),
+        bool(m.teacher_model_name_or_path) or bool(m.teacher_url),
         "teacher_model_name_or_path",
         m.teacher_model_name_or_path,
-        "set (the teacher model)",
+        "set (the teacher model), or a teacher server given as --teacher_url",
     )
+    errs += _teacher_errors(cfg)
     need(bool(d.dataset_name), "dataset_name", d.dataset_name, "set (a hub dataset or a local file)")
     urls = [u.strip() for u in (r.rollout_url or "").split(",")] if r.rollout_url is not None else []
     if any(not u.startswith(("tcp://", "ray://", "inproc://")) for u in urls):
@@ -316,6 +323,36 @@ def validate(cfg: Config) -> list[str]:
     if g.max_new_tokens >= d.max_length:
         errs.append(
             f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}"
+        )
+    return errs
+
+
+def _teacher_errors(cfg: Config) -> list[str]:
+    """The remote-teacher and loss-type settings (one line each)."""
+    g, m, errs = cfg.gkd, cfg.model, []
+    if g.teacher_topk <= 0:
+        errs.append(f"teacher_topk={g.teacher_topk} is invalid: must be a positive integer")
+    loss_t = g.loss_temperature or g.temperature
+    if g.loss_type == "sampled_rkl" and g.lmbda < 1.0:
+        errs.append(
+            f"loss_type='sampled_rkl' needs lmbda=1 (got {g.lmbda}): the sampled reverse KL is only valid on the student's own samples"
+        )
+    if g.loss_type == "sampled_rkl" and g.temperature != loss_t:
+        errs.append(
+            f"loss_type='sampled_rkl' needs the sampling temperature ({g.temperature}) to equal the loss temperature ({loss_t}): "
+            "its gradient assumes the tokens are samples of the distribution it scores"
+        )
+    if m.teacher_url is None:
+        return errs
+    urls = [u.strip() for u in m.teacher_url.split(",")]
+    if not all(u.startswith(("tcp://", "ray://")) for u in urls) or len(set(urls)) != len(urls):
+        errs.append(
+            f"teacher_url={m.teacher_url!r} is invalid: must be distinct tcp://host:port or ray://<actor name> URLs, comma-separated"
+        )
+    if loss_t != 1.0:
+        errs.append(
+            f"loss temperature {loss_t} is invalid with teacher_url: a teacher server scores at temperature 1 "
+            "(vLLM prompt logprobs) and tempering its top-k exactly would need its whole tail; pass --loss_temperature 1"
         )
     return errs
 
@@ -351,6 +388,8 @@ def check_paths(cfg: Config) -> list[str]:
     """Local paths that are clearly meant to be local but do not exist (hub ids pass)."""
     errs = []
     for field in ("model_name_or_path", "teacher_model_name_or_path"):
+        if field == "teacher_model_name_or_path" and cfg.model.teacher_url:
+            continue  # served by the teacher server, never loaded here
         p = getattr(cfg.model, field)
         if p and _looks_local(p) and not Path(p).exists():
             errs.append(f"{field}={p!r} does not exist: give an existing model directory or a hub id")
