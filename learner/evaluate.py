@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -151,24 +152,13 @@ def evaluate(
     *,
     student_completions: list[list[int]],
     teacher_completions: list[list[int]],
-    beta: float,
-    vocab: int,
-    pad_id: int,
-    max_length: int,
-    batch_size: int,
-    device,
-    teacher_device=None,
+    **kw: Any,
 ) -> dict[str, float]:
-    """All evaluation figures, as a flat {name: value} dict (see the module docstring)."""
-    kw = dict(
-        beta=beta,
-        vocab=vocab,
-        pad_id=pad_id,
-        max_length=max_length,
-        batch_size=batch_size,
-        device=device,
-        teacher_device=teacher_device,
-    )
+    """All evaluation figures, as a flat {name: value} dict (see the module docstring).
+
+    `kw` are `divergences`' keywords (beta, vocab, pad_id, max_length, batch_size, device,
+    teacher_device), used for both sets of completions.
+    """
     on_student = divergences(student, teacher, prompts, student_completions, **kw)
     on_teacher = divergences(student, teacher, prompts, teacher_completions, **kw)
     sfx = getattr(teacher, "metric_suffix", "")  # "_top20_tail" against a teacher server's top-20

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,23 +147,24 @@ class RemoteTeacher:
     def _result(self, pending: Scoring):
         """The reply for `pending`; resent while the server(s) are away (a teacher keeps no state)."""
         t0 = time.perf_counter()
-        t_end = time.monotonic() + self.deadline_s
-        while True:
-            try:
-                reply = self.client.score_result(pending.req.request_id, timeout_s=self.timeout_s)
-                break
-            except ServerUnavailable as e:
-                if time.monotonic() >= t_end:
-                    raise UserError(
-                        f"teacher server {self.url} did not answer within {self.deadline_s:g}s ({e}); "
-                        "restart gkd-rollout-server --role teacher or fix --teacher_url"
-                    ) from None
-                log.warning("teacher server %s unavailable (%s): asking again", self.url, e)
-                time.sleep(1.0)
-                pending.req.request_id = f"score-{uuid.uuid4().hex[:12]}"
-                self.client.submit_score(pending.req)
-            except RemoteError as e:
-                raise UserError(f"teacher server {self.url} refused to score: {e}") from None
+
+        def ask_again(e: Exception) -> None:
+            log.warning("teacher server %s unavailable (%s): asking again", self.url, e)
+            pending.req.request_id = f"score-{uuid.uuid4().hex[:12]}"
+            self.client.submit_score(pending.req)
+
+        try:
+            reply = _until_deadline(
+                lambda _: self.client.score_result(pending.req.request_id, timeout_s=self.timeout_s),
+                self.deadline_s,
+                lambda e: (
+                    f"teacher server {self.url} did not answer within {self.deadline_s:g}s ({e}); "
+                    "restart gkd-rollout-server --role teacher or fix --teacher_url"
+                ),
+                ask_again,
+            )
+        except RemoteError as e:
+            raise UserError(f"teacher server {self.url} refused to score: {e}") from None
         self.wait_s += time.perf_counter() - t0
         if reply.tokenizer_fingerprint != self.fingerprint:
             raise UserError(_tokenizer_differs(self.url, reply.model))
@@ -233,17 +235,14 @@ def open_remote(cfg: Any, student_tokenizer: Any) -> RemoteTeacher:
 def _check_one(client: Any, url: str, fingerprint: str, k: int, deadline_s: float) -> str:
     """Refuse a server that is not a teacher, tokenizes otherwise, or cannot send k entries; return its model."""
     t_end = time.monotonic() + deadline_s
-    while True:
-        try:
-            status = client.status(timeout_s=max(1.0, min(10.0, t_end - time.monotonic())))
-            break
-        except ServerUnavailable as e:
-            if time.monotonic() >= t_end:
-                raise UserError(
-                    f"teacher server {url} did not answer within {deadline_s:g}s ({e}); start "
-                    "gkd-rollout-server --role teacher --model TEACHER, or fix --teacher_url / --reconnect_deadline_s"
-                ) from None
-            time.sleep(1.0)
+    status = _until_deadline(
+        lambda left: client.status(timeout_s=max(1.0, min(10.0, left))),
+        deadline_s,
+        lambda e: (
+            f"teacher server {url} did not answer within {deadline_s:g}s ({e}); start "
+            "gkd-rollout-server --role teacher --model TEACHER, or fix --teacher_url / --reconnect_deadline_s"
+        ),
+    )
     if status.role != "teacher":
         raise UserError(
             f"teacher_url {url} is a {status.role} rollout server (model {status.model}), not a teacher; "
@@ -271,3 +270,23 @@ def _tokenizer_differs(url: str, model: str) -> str:
         f"teacher server {url} (model {model}) tokenizes differently from the student (tokenizer fingerprints "
         "differ); GKD compares next-token distributions, so both must share one tokenizer"
     )
+
+
+def _until_deadline(
+    call: Callable[[float], Any],
+    deadline_s: float,
+    give_up: Callable[[Exception], str],
+    between: Callable[[Exception], None] | None = None,
+) -> Any:
+    """`call(seconds left)` until it answers; while the server is unavailable, `between(error)` and
+    try again a second later, until `deadline_s`; then one UserError line, `give_up(error)`."""
+    t_end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call(t_end - time.monotonic())
+        except ServerUnavailable as e:
+            if time.monotonic() >= t_end:
+                raise UserError(give_up(e)) from None
+            time.sleep(1.0)
+            if between is not None:
+                between(e)
