@@ -24,17 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner import checkpoint, dist, identity, outputs
+from learner import checkpoint, dist, identity, outputs, trl_runtime
+from learner.accumulate import accumulate, update
 from learner.checkpoint import TrainState
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
 from learner.metrics import MetricsLog
-from learner.models import load_adapter_tensors, load_models, load_tokenizer
+from learner.models import eos_ids, load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
 from learner.rollouts import Rollouts, hf_generate
 from learner.signals import Interrupted, StopFlag
-from learner.step import collate, distill_loss
 from learner.sync import (
     adapter_sha,
     bring_server_to_checkpoint,
@@ -93,12 +93,16 @@ class GKDRecipe:
         self.stop.install()
         from learner.models import resolve_device
 
+        trl_runtime.check(cfg, resolve_device(cfg.model.device))  # flags this device cannot honour
+        trl_runtime.apply_precision(cfg)
         self.dist = dist.init(resolve_device(cfg.model.device))
         if self.dist.world_size > 1 and torch.cuda.is_available() and cfg.model.device in ("auto", "cuda"):
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
-        self.data = load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg), need_eval=self.eval_on)
+        self.data = load_data(
+            cfg, load_tokenizer(cfg.model.model_name_or_path, cfg), need_eval=self.eval_on or t.eval_on_start
+        )
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -134,8 +138,8 @@ class GKDRecipe:
         )
         self.params = [p for p in self.m.student.parameters() if p.requires_grad]
         dist.broadcast_params(self.params, self.dist)
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        self.scheduler = _scheduler(self.optimizer, t.lr_scheduler_type, t.warmup_ratio, self.total_steps)
+        self.optimizer = trl_runtime.optimizer(cfg, self.params, self.m.device)
+        self.scheduler = trl_runtime.scheduler(cfg, self.optimizer, self.total_steps)
 
         self.state = TrainState(
             step=0, policy_version=0, cursor=Cursor(), micro_batches=0, world_size=self.dist.world_size
@@ -147,7 +151,12 @@ class GKDRecipe:
         if self.dist.is_main:
             self._prepare_output_dir()
         self.metrics = MetricsLog(
-            self.out, resume_step=self.state.step if ckpt else None, enabled=self.dist.is_main
+            self.out,
+            resume_step=self.state.step if ckpt else None,
+            enabled=self.dist.is_main,
+            tensorboard="tensorboard" in trl_runtime.reporters(cfg),
+            tensorboard_dir=t.logging_dir,
+            sinks=trl_runtime.Reporters(cfg, self.dist.is_main),
         )
         if self.dist.is_main:
             self.metrics.log(
@@ -186,6 +195,11 @@ class GKDRecipe:
 
     def _restore(self, path: Path) -> None:
         ck = checkpoint.load(path)
+        if not ck["optimizer"]:
+            raise UserError(
+                f"checkpoint {path} was written with --save_only_model: it holds no optimizer, scheduler or "
+                "RNG state and cannot be resumed; start a fresh run from its weights instead"
+            )
         load_adapter_tensors(self.m.student, ck["adapter"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -262,7 +276,7 @@ class GKDRecipe:
                 m.teacher,
                 [e.prompt_ids for e in examples],
                 pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
+                eos_id=eos_ids(m.student, m.tokenizer),
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
                 device=m.teacher_device,
@@ -363,7 +377,7 @@ class GKDRecipe:
         from tqdm.auto import tqdm
 
         t, st = self.cfg.train, self.state
-        if self.eval_on and st.step == 0:
+        if t.eval_on_start and st.step == 0:  # TRL's --eval_on_start
             self.evaluate()
         bar = self._bar = tqdm(
             total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
@@ -426,45 +440,20 @@ class GKDRecipe:
         )
 
     def optimizer_step(self) -> tuple[float, int, float]:
-        """Accumulate gradient_accumulation_steps micro-batches, then step; return (mean loss, tokens, grad norm)."""
-        cfg, m = self.cfg, self.m
-        accum = cfg.train.gradient_accumulation_steps
-        temperature = cfg.gkd.loss_temperature or cfg.gkd.temperature
-        losses, tokens = [], 0
-        for _ in range(accum):
-            mb = self.rollouts.next(self.state.policy_version)
-            batch = collate(
-                [e.prompt_ids for e in mb.examples],
-                mb.completions,
-                m.tokenizer.pad_token_id,
-                cfg.data.max_length,
-            )
-            if batch is None:
-                continue
-            batch = batch.to(m.device)
-            teacher_device = m.teacher_device if m.teacher_device != m.device else None
-            loss = distill_loss(
-                m.student,
-                m.teacher,
-                batch,
-                vocab=m.vocab_size,
-                beta=cfg.gkd.beta,
-                temperature=temperature,
-                teacher_device=teacher_device,
-                chunk_size=cfg.train.loss_chunk_size,
-            )
-            (loss / accum).backward()
-            losses.append(loss.item())
-            tokens += batch.n_tokens
-        dist.average_gradients(self.params, self.dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
-        return mean_loss, tokens, float(grad_norm)
+        """Accumulate gradient_accumulation_steps micro-batches, then step; return (loss, tokens, grad norm).
+
+        The step's loss is TRL's (learner.accumulate): summed over all its completion tokens, divided by them.
+        """
+        accum = self.cfg.train.gradient_accumulation_steps
+
+        def micro_batches():
+            for _ in range(accum):
+                mb = self.rollouts.next(self.state.policy_version)
+                yield [e.prompt_ids for e in mb.examples], mb.completions
+
+        loss, tokens = accumulate(self.cfg, self.m, self.params, micro_batches(), self.dist)
+        grad_norm = update(self.cfg, self.params, self.optimizer, self.scheduler, self.dist)
+        return loss, tokens, grad_norm
 
     def sync_if_due(self) -> None:
         st = self.state
@@ -582,7 +571,7 @@ class GKDRecipe:
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
-            batch_size=cfg.train.per_device_train_batch_size,
+            batch_size=cfg.train.per_device_eval_batch_size,
             device=m.device,
             teacher_device=m.teacher_device if m.teacher_device != m.device else None,
         )
@@ -627,7 +616,7 @@ class GKDRecipe:
                 m.teacher,
                 [ex[i].prompt_ids for i in missing],
                 pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
+                eos_id=eos_ids(m.student, m.tokenizer),
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
                 device=m.teacher_device,
@@ -646,12 +635,13 @@ class GKDRecipe:
             from learner.models import adapter_tensors
 
             run = self.plan.run
+            only_model = self.cfg.train.save_only_model  # TRL: weights only, not resumable
             path = checkpoint.save(
                 self.out,
                 self.state,
                 adapter_tensors(self.m.student),
-                self.optimizer.state_dict(),
-                self.scheduler.state_dict(),
+                {} if only_model else self.optimizer.state_dict(),
+                {} if only_model else self.scheduler.state_dict(),
                 run={**run.to_json(), "settings": run.settings},
             )
             log.info("checkpoint %s", path)
@@ -717,14 +707,6 @@ def adapter_digest(params) -> str:
     for p in params:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _scheduler(optimizer, kind: str, warmup_ratio: float, total: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(warmup_ratio * total)
-    name = "constant_with_warmup" if kind == "constant" and warmup else kind
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def _seed_everything(seed: int) -> None:

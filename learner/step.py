@@ -79,8 +79,10 @@ def distill_loss(
     temperature: float,
     teacher_device=None,
     chunk_size: int | None = None,
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Generalized JSD (mean over completion tokens) of the student to the teacher on `batch`."""
+    """Generalized JSD of the student to the teacher on `batch`: the mean over its completion
+    tokens ("batchmean"), or their sum ("sum": the optimizer step divides by all its tokens)."""
     s_logits = completion_logits(student, batch, vocab)
     with torch.no_grad():
         tb = batch if teacher_device is None else batch.to(teacher_device)
@@ -91,6 +93,6 @@ def distill_loss(
         labels=batch.labels,
         beta=beta,
         temperature=temperature,
-        reduction="batchmean",
+        reduction=reduction,
         chunk_size=chunk_size,
     )
