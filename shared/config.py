@@ -112,7 +112,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     adam_epsilon: float = 1e-8
     lr_scheduler_kwargs: dict[str, Any] | str | None = None
     warmup_steps: float = 0
-    report_to: list[str] = msgspec.field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] | str | None = msgspec.field(default_factory=lambda: ["tensorboard"])
     logging_dir: str | None = None
     per_device_eval_batch_size: int = 8
     eval_on_start: bool = False
@@ -657,6 +657,8 @@ def parse_args(
         cfg.rollout.token = os.environ["GKD_TOKEN"]
     if cfg.rollout.rollout_url is None and os.environ.get("GKD_ROLLOUT_URL"):
         cfg.rollout.rollout_url = os.environ["GKD_ROLLOUT_URL"]  # lets the seed's command line run unchanged
+    if not isinstance(cfg.train.report_to, list):  # TRL takes one name or a list
+        cfg.train.report_to = [cfg.train.report_to or "none"]
     if cfg.train.use_cpu:
         cfg.model.device = "cpu"
         cfg.model.teacher_device = cfg.model.teacher_device and "cpu"
