@@ -2,6 +2,7 @@
 
 * `adapter_config.json` + `adapter_model.safetensors` (+ tokenizer) at the root: loads with
   `PeftModel.from_pretrained(base, output_dir)`;
+* without --use_peft (full fine-tuning): the whole model in `model/` (loads in AutoModelForCausalLM);
 * `merged/` with `--save_merged`: a plain transformers model (loads in AutoModelForCausalLM and as
   a rollout server / vLLM base model);
 * `README.md`: a model card with the run's config, final figures and the GKD citation.
@@ -32,9 +33,13 @@ CITATION = """@inproceedings{agarwal2024on-policy,
 }"""
 
 
-def save_adapter(student, tokenizer, out: Path) -> None:
-    student.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+def save_adapter(student, tokenizer, out: Path) -> Path:
+    """The trained weights: the adapter at the root (--use_peft), else the full model in
+    output_dir/model (the root's config.json is the run's resolved config); returns where."""
+    where = out if hasattr(student, "peft_config") else out / "model"
+    student.save_pretrained(str(where), safe_serialization=True)
+    tokenizer.save_pretrained(str(where))
+    return where
 
 
 def save_merged(student, tokenizer, out: Path) -> Path:

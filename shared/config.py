@@ -127,7 +127,7 @@ class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: float = 0.9
     max_new_tokens: int = 128
     seq_kd: bool = False
-    loss_temperature: float | None = None
+    loss_temperature: float | None = 1.0
 
 
 class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

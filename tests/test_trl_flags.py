@@ -230,3 +230,123 @@ def test_cli_refusal_and_warning_lines(tmp_path, tiny_models):
         "gkd-learner: warning: these TRL flags have no effect here: --dataloader_num_workers ("
     )
     assert "--use_liger_kernel (" in lines[0]
+
+
+def _default_cell(cell: str):
+    """`default `X`...` -> X as a Python value (None when the cell states no default)."""
+    import re
+
+    m = re.match(r"default `([^`]*)`", cell.strip())
+    if m is None:
+        return None
+    word = m.group(1)
+    return {"true": True, "false": False, "None": None}.get(word, word)
+
+
+def _same(doc, value) -> bool:
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else value
+    if isinstance(doc, bool) or doc is None:
+        return value is doc
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(doc) == float(value)
+    return str(getattr(value, "value", value)) == doc
+
+
+def test_differences_table_matches_the_code():
+    from shared.config import Config
+
+    text = (REPO / "docs" / "differences-from-trl.md").read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| `--")]
+    trl = {f.name: f for _, f in FIELDS}
+    cfg = Config()
+    checked = 0
+    for first, ours_cell, trl_cell in rows:
+        names = [n.strip().strip("`").removeprefix("--") for n in first.split(",")]
+        for name in names:
+            assert name in OURS or name in trl, f"the table names --{name}, which is no flag"
+        if len(names) != 1:
+            continue
+        name = names[0]
+        if (doc := _default_cell(ours_cell)) is not None or "default `None`" in ours_cell:
+            section = OURS[name][0]
+            assert _same(doc, getattr(getattr(cfg, section), name)), (name, doc)
+            checked += 1
+        if (doc := _default_cell(trl_cell)) is not None or "default `None`" in trl_cell:
+            f = trl[name]
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert _same(doc, value), (name, doc, value)
+            checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (
+            ["--use_peft", "--load_in_4bit"],
+            "--load_in_4bit: not supported on device cpu: bitsandbytes quantization needs a CUDA device",
+        ),
+        (
+            ["--use_peft", "--load_in_8bit"],
+            "--load_in_8bit: not supported on device cpu: bitsandbytes quantization needs a CUDA device",
+        ),
+        (["--fp16"], "--fp16: not supported on device cpu: fp16 mixed precision needs CUDA"),
+    ],
+)
+def test_device_refusals_name_the_device(argv, line):
+    import torch
+
+    from learner.errors import UserError
+    from learner.trl_runtime import check
+
+    cfg, _ = parse_args(REQUIRED + argv)
+    with pytest.raises(UserError) as e:
+        check(cfg, torch.device("cpu"))
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["wandb", "trackio"])
+def test_report_to_an_uninstalled_integration_is_one_line(name):
+    import importlib.util
+
+    import torch
+
+    from learner.errors import UserError
+    from learner.trl_runtime import check, reporters
+
+    cfg, _ = parse_args(REQUIRED + ["--report_to", name, "tensorboard"])
+    if importlib.util.find_spec(name) is not None:
+        check(cfg, torch.device("cpu"))  # installed: accepted
+        assert reporters(cfg) == [name, "tensorboard"]
+        return
+    with pytest.raises(UserError) as e:
+        check(cfg, torch.device("cpu"))
+    assert str(e.value).startswith(f"--report_to {name}: the {name} package is not installed")
+
+
+@pytest.mark.slow
+def test_load_in_4bit_on_cpu_exits_2_with_one_line(tmp_path, tiny_models, tiny_dataset):
+    """QLoRA here (CPU, no bitsandbytes device): exit 2, one line naming the device, within seconds,
+    before any server is waited for."""
+    import time
+
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "learner", "--model_name_or_path", str(tiny_models.student)]
+        + ["--teacher_model_name_or_path", str(tiny_models.teacher), "--dataset_name", str(tiny_dataset)]
+        + ["--output_dir", str(tmp_path / "o"), "--use_peft", "--load_in_4bit", "--device", "cpu"]
+        + ["--rollout_url", "tcp://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("gkd-learner:")]
+    assert lines == [
+        "gkd-learner: error: --load_in_4bit: not supported on device cpu: bitsandbytes quantization needs a CUDA "
+        "device (train the LoRA on the unquantized student instead: drop the flag)"
+    ]
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "o").exists()
