@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from shared.config import Config, ConfigError, exit_on_config_error, parse_args
+from shared.trl_flags import warning_line
 
 PROG = "deploy.ray_job"
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = server_settings(cfg, ns, cfg.rollout.token or secrets.token_urlsafe(24))
     except ConfigError as e:
         exit_on_config_error(PROG, e)
+    if ns.trl_no_effect:  # one line, as gkd-learner says it
+        sys.stderr.write(f"{PROG}: warning: {warning_line(ns.trl_no_effect)}\n")
     import ray
 
     ray.init()  # inside `ray job submit` this joins the job's cluster; alone it starts a local one
