@@ -12,6 +12,9 @@ STAMP := $(VENV)/.setup-$(ENGINE_EXTRA)
 # A full setup (make setup / make test) serves the demo too.
 DEMO_STAMP := $(if $(wildcard $(STAMP)),$(STAMP),$(VENV)/.setup-demo-$(ENGINE_EXTRA))
 PYTEST_ARGS ?=
+# pytest-randomly shuffles the test order; CI uses one fixed seed so a failure replays exactly
+# (`make test TEST_ORDER_SEED=N` tries another order, `PYTEST_ARGS=-p no:randomly` the file order).
+TEST_ORDER_SEED ?= 20261203
 
 .PHONY: setup lint test test-fast demo bench clean help
 
@@ -53,10 +56,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -p randomly --randomly-seed=$(TEST_ORDER_SEED) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -p randomly --randomly-seed=$(TEST_ORDER_SEED) $(PYTEST_ARGS)
 
 demo: $(DEMO_STAMP)
 	$(PY) -m demo.run

@@ -72,8 +72,15 @@ def test_never_exceeds_the_full_value(beta, k):
         ids, lp = _teacher_topk(t, k)
         per_token = topk_tail_jsd_loss(s, ids, lp, beta=beta, reduction="none")
         full = divergence(F.log_softmax(s, -1), F.log_softmax(t, -1), beta).sum(-1)
-        # k = V - 1 leaves one token in the rest bin: equality, up to float64 rounding.
-        assert (per_token <= full + 1e-9).all(), (seed, (per_token - full).max().item())
+        # k = V - 1 leaves one token in the rest bin: equality, up to float64 rounding. Each rest
+        # mass is 1 - (sum of k probabilities), off by up to ~k * 2.2e-16 absolutely; in the
+        # divergence that error is divided by the other side's rest mass (the log-ratio), so a tiny
+        # teacher rest bin next to a larger student one amplifies it. Allow exactly that much.
+        s_rest = 1 - F.softmax(s, -1).gather(-1, ids).sum(-1)
+        t_rest = 1 - lp.exp().sum(-1)
+        ratio = (s_rest / t_rest).abs() + (t_rest / s_rest).abs()
+        tol = 1e-9 + 1e-13 * torch.nan_to_num(ratio, posinf=0.0)
+        assert (per_token <= full + tol).all(), (seed, (per_token - full - tol).max().item())
         assert (per_token >= -1e-12).all()
 
 
