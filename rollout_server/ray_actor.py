@@ -59,11 +59,13 @@ def start_rollout_actor(
     *,
     namespace: str = NAMESPACE,
     max_concurrency: int = MAX_CONCURRENCY,
+    scheduling_strategy: Any = None,
 ) -> Any:
     """Create the named rollout actor and return its handle at once (the engine starts inside).
 
     The actor is owned by the calling driver: it dies with it, so a finished or failed job never
     leaves a vLLM engine holding GPUs. A client's first call waits for the engine to come up.
+    `scheduling_strategy` places it, e.g. on a bundle of the job's placement group.
     """
     import ray
 
@@ -76,4 +78,5 @@ def start_rollout_actor(
         max_concurrency=max_concurrency,
         max_restarts=0,  # a restarted engine would serve the base model under a stale version
         runtime_env={"env_vars": settings_env(settings)},
+        scheduling_strategy=scheduling_strategy,
     ).remote(msgspec.msgpack.encode(settings))

@@ -187,9 +187,20 @@ class Envelope(msgspec.Struct, kw_only=True):
     body: Request  # the request itself
 
 
+class _BodyId(msgspec.Struct):
+    request_id: str = ""  # the only field read from a malformed request's body
+
+
+class _IdOnly(msgspec.Struct):
+    """Just enough of an Envelope to find its request id (every other field is skipped unread)."""
+
+    body: _BodyId
+
+
 _enc = msgspec.msgpack.Encoder()
 _env_dec = msgspec.msgpack.Decoder(Envelope)
 _reply_dec = msgspec.msgpack.Decoder(Reply)
+_id_dec = msgspec.msgpack.Decoder(_IdOnly)
 
 
 def encode(msg: Envelope | Reply) -> bytes:
@@ -199,6 +210,19 @@ def encode(msg: Envelope | Reply) -> bytes:
 def decode_request(data: bytes) -> Envelope:
     """Decode client bytes; raises msgspec.DecodeError/ValidationError on anything malformed."""
     return _env_dec.decode(data)
+
+
+def request_id_of(data: bytes) -> str:
+    """The request id of a message that failed to decode as an Envelope, or "" if it has none.
+
+    A request with one malformed field (a token id that is not an int, say) is answered with its
+    own id, so its client fails at once instead of waiting out its timeout for a reply it can
+    never match. Typed decoding only: nothing else in the message is turned into objects.
+    """
+    try:
+        return _id_dec.decode(data).body.request_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
 
 
 def decode_reply(data: bytes) -> Reply:

@@ -276,3 +276,39 @@ def test_ray_transport_round_trip_and_errors(ray_cluster, tiny, make_adapter):
         client.close()
     finally:
         ray.shutdown()
+
+
+def test_ray_job_two_replicas_two_learner_workers(ray_cluster, tiny, tmp_path):
+    """`--rollout_replicas 2 --learner_workers 2`: two named rollout actors in the job's placement
+    group, a two-rank learner under Ray Train (gloo), one replica set over both. The run ends
+    SUCCEEDED with the adapter written once, and both replicas serve the final version."""
+    out = tmp_path / "out"
+    # Half a CPU each: 2 replicas + 2 learner workers on the fixture's 2-CPU cluster.
+    args = _job_args(tiny, out)
+    for flag in ("--rollout_num_cpus", "--learner_num_cpus"):
+        args[args.index(flag) + 1] = "0.5"
+    args += ["--rollout_replicas", "2", "--learner_workers", "2", "--actor_name", "t-pair"]
+    sid = _submit(ray_cluster, args)
+    status, logs, secs = _wait_job(ray_cluster, sid, deadline_s=1200)
+    print(f"ray job {sid}: {status} in {secs:.0f} s")
+    print("\n".join(ln for ln in logs.splitlines() if ln.startswith("deploy.ray_job:")))
+    assert status == "SUCCEEDED", f"job {sid} ended {status} after {secs:.0f} s; logs:\n{logs[-8000:]}"
+    assert "2 learner worker(s)" in logs and "(gloo)" in logs, logs[-4000:]
+    assert "against ray://t-pair-0,ray://t-pair-1" in logs, logs[-4000:]
+    assert (out / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    assert max(int(r["step"]) for r in train) == 2
+    final = max(int(r.get("policy_version", 0)) for r in rows)
+    assert final >= 1, rows
+    # Both replicas were in the learner's set, and each ends at the final version (the job asks
+    # every actor its status after the learner finished).
+    assert {f["replica"] for f in train[-1]["replicas"]} == {"ray://t-pair-0", "ray://t-pair-1"}
+    ends, served = {}, {}
+    for ln in logs.splitlines():
+        if ln.startswith("deploy.ray_job: replica ray://"):
+            name, _, rest = ln.removeprefix("deploy.ray_job: replica ").partition(" at policy version ")
+            ends[name] = int(rest.split(",")[0])
+            served[name] = int(rest.split("served ")[1].split()[0])
+    assert ends == {"ray://t-pair-0": final, "ray://t-pair-1": final}, (ends, logs[-4000:])
+    assert all(n > 0 for n in served.values()), served  # routing used both

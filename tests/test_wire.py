@@ -83,6 +83,19 @@ def test_malformed_messages_are_refused(secure_server, tmp_path):
         reply = _raw_exchange(secure_server.url, payload)
         assert isinstance(reply, ErrorReply) and reply.code == "bad_request", f"{name}: {reply}"
     assert not marker.exists(), "the server unpickled network bytes"
+    # One bad field in an otherwise sound request: refused under the request's own id.
+    one_bad = msgspec.msgpack.encode(
+        {
+            "token": SECURE["token"],
+            "body": {
+                "type": "generate",
+                "request_id": "r-9",
+                "prompts": [{"prompt_id": "p", "token_ids": ["x"]}],
+            },
+        }
+    )
+    reply = _raw_exchange(secure_server.url, one_bad)
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_request" and reply.request_id == "r-9", reply
     _assert_serving(secure_server)
 
 
@@ -229,3 +242,25 @@ def test_client_notices_a_killed_server_at_once(secure_server):
             c.result(rid)
         assert time.monotonic() - t0 < 10
     secure_server.proc.wait(10)
+
+
+def test_a_request_with_one_malformed_field_is_answered_with_its_own_id():
+    """A token id that is not an int (a tokenizer's BatchEncoding keys, say) fails validation; the
+    ErrorReply still carries the request id, so the client fails at once instead of timing out."""
+    from shared.messages import decode_request, request_id_of
+
+    bad = msgspec.msgpack.encode(
+        {
+            "token": "",
+            "body": {
+                "type": "generate",
+                "request_id": "r-7",
+                "prompts": [{"prompt_id": "p", "token_ids": ["input_ids"]}],
+            },
+        }
+    )
+    with pytest.raises(msgspec.ValidationError):
+        decode_request(bad)
+    assert request_id_of(bad) == "r-7"
+    assert request_id_of(b"\xc1garbage") == ""
+    assert request_id_of(msgspec.msgpack.encode({"body": 3})) == ""
