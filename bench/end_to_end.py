@@ -113,6 +113,7 @@ def learner_cmd(paths: dict, args, out: Path, url: str, gc: bool = True, **overr
         "logging_steps": 1,
         "save_steps": args.save_steps,
         "use_peft": "true",
+        "lora_target_modules": "all-linear",  # as the TRL side (PEFT's default is q_proj, v_proj)
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": 0.05,

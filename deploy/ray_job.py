@@ -31,6 +31,7 @@ import msgspec
 
 from deploy.ray_plan import STRATEGIES, Plan, make_plan, problems, shortfall
 from shared.config import Config, ConfigError, exit_on_config_error, parse_args
+from shared.trl_flags import warning_line
 
 PROG = "deploy.ray_job"
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(errs)
     except ConfigError as e:
         exit_on_config_error(PROG, e)
+    if ns.trl_no_effect:  # one line, as gkd-learner says it
+        sys.stderr.write(f"{PROG}: warning: {warning_line(ns.trl_no_effect)}\n")
     import ray
 
     ray.init()  # inside `ray job submit` this joins the job's cluster; alone it starts a local one

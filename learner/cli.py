@@ -12,6 +12,7 @@ import sys
 from learner.errors import UserError
 from shared.config import ConfigError, exit_on_config_error, parse_args
 from shared.transport.base import RemoteError, ServerUnavailable
+from shared.trl_flags import warning_line
 
 PROG = "gkd-learner"
 DESCRIPTION = (
@@ -23,9 +24,11 @@ DESCRIPTION = (
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cfg, _ = parse_args(argv, prog=PROG, description=DESCRIPTION)
+        cfg, ns = parse_args(argv, prog=PROG, description=DESCRIPTION)
     except ConfigError as e:
         exit_on_config_error(PROG, e)
+    if ns.trl_no_effect:  # one line, before anything heavy loads
+        sys.stderr.write(f"{PROG}: warning: {warning_line(ns.trl_no_effect)}\n")
     from learner.recipe import run  # heavy: torch, transformers, peft
     from learner.signals import Interrupted
 

@@ -25,20 +25,34 @@ log = logging.getLogger("gkd.learner")
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str | Path, *, resume_step: int | None, enabled: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        resume_step: int | None,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        tensorboard_dir: str | Path | None = None,
+        sinks: Any = None,
+    ):
+        """tensorboard: write TensorBoard events to tensorboard_dir (default output_dir/runs);
+        sinks: more reporters (an object with log(step, values) and close(), e.g. wandb's)."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = None
+        self._sinks = sinks
         if not enabled:
             return
         if resume_step is None:
             self.path.write_text("")
         else:
             self._trim(resume_step)
+        if not tensorboard:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
+            self._tb = SummaryWriter(str(tensorboard_dir or Path(output_dir) / "runs"))
         except ImportError as e:  # tensorboard is optional at runtime; the jsonl is the record
             log.warning("TensorBoard logging off (%s); metrics.jsonl still written", e)
 
@@ -67,8 +81,13 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self._tb.flush()
+        if self._sinks is not None:
+            self._sinks.log(step, row)
 
     def close(self) -> None:
+        if self._sinks is not None:
+            self._sinks.close()
+            self._sinks = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -1,7 +1,8 @@
 """Load the student (with its LoRA) and the teacher, and check that their tokenizers agree.
 
-The student is a transformers causal LM wrapped in a PEFT LoRA (all linear projections unless told
-otherwise); the teacher is frozen in eval mode. Both honour dtype, attention implementation,
+The student is a transformers causal LM, wrapped in a PEFT LoRA with --use_peft (PEFT's
+per-architecture target modules unless --lora_target_modules is given, as TRL), else trained in
+full (TRL's default); the teacher is frozen in eval mode. Both honour dtype, attention implementation,
 revision and trust_remote_code. Nothing here talks to the rollout server.
 """
 
@@ -24,13 +25,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class Models:
-    student: Any  # peft.PeftModel around the student base model (trainable LoRA only)
+    student: (
+        Any  # peft.PeftModel (trainable LoRA only) with --use_peft, else the model itself (all trainable)
+    )
     teacher: Any  # transformers model, eval mode, requires_grad False; None with a teacher server
     tokenizer: Any  # the student's tokenizer (chat template, pad and eos ids)
     device: torch.device  # where the student lives
     teacher_device: torch.device  # where the teacher lives (may differ)
     vocab_size: int  # width of the student's logits; the teacher's logits are sliced to it
-    lora: LoraSpec  # what the server needs to apply the adapter
+    lora: LoraSpec | None  # what the server needs to apply the adapter; None: full fine-tuning
 
 
 def resolve_device(name: str | None, default: torch.device | None = None) -> torch.device:
@@ -68,7 +71,12 @@ def load_models(cfg: Config) -> Models:
         enable_tf32(d)
     tokenizer = load_tokenizer(m.model_name_or_path, cfg)
     student = _load_lm(
-        m.model_name_or_path, cfg, "student", device, use_cache=not cfg.train.gradient_checkpointing
+        m.model_name_or_path,
+        cfg,
+        "student",
+        device,
+        use_cache=not cfg.train.gradient_checkpointing,
+        quantize=True,
     )
     if m.teacher_url:  # a teacher server (learner.teacher) scores; its weights are never loaded here
         teacher, teacher_device, vocab = None, device, _rows(student)
@@ -82,16 +90,25 @@ def load_models(cfg: Config) -> Models:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep PEFT's graph alive.
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.enable_input_require_grads()
-    student = add_lora(student, cfg)
+    if cfg.lora.use_peft:
+        if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
+            from peft import prepare_model_for_kbit_training
+
+            student = prepare_model_for_kbit_training(
+                student, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+            )
+        student = add_lora(student, cfg)
     if cfg.train.disable_dropout:
         disable_dropout(student)
-    student.to(device)
+    if not (cfg.model.load_in_4bit or cfg.model.load_in_8bit):  # bitsandbytes placed it already
+        student.to(device)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
         if cfg.train.disable_dropout:
             disable_dropout(teacher)
         teacher.to(teacher_device)
-    return Models(student, teacher, tokenizer, device, teacher_device, vocab, lora_spec(student))
+    spec = lora_spec(student) if cfg.lora.use_peft else None
+    return Models(student, teacher, tokenizer, device, teacher_device, vocab, spec)
 
 
 def load_tokenizer(path: str, cfg: Config):
@@ -110,8 +127,12 @@ def load_tokenizer(path: str, cfg: Config):
     return tok
 
 
-def _load_lm(path: str, cfg: Config, role: str, device: torch.device, use_cache: bool):
+def _load_lm(
+    path: str, cfg: Config, role: str, device: torch.device, use_cache: bool, quantize: bool = False
+):
     from transformers import AutoModelForCausalLM
+
+    from learner.trl_runtime import quantization_kwargs
 
     m = cfg.model
     kwargs: dict[str, Any] = {
@@ -121,6 +142,8 @@ def _load_lm(path: str, cfg: Config, role: str, device: torch.device, use_cache:
     }
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    if quantize:
+        kwargs.update(quantization_kwargs(cfg))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
@@ -177,12 +200,17 @@ def add_lora(model, cfg: Config):
     from peft import LoraConfig, get_peft_model
 
     lo = cfg.lora
+    targets = lo.lora_target_modules
+    if targets is not None and len(targets) == 1:  # as TRL's ModelConfig: one name is a string ("all-linear")
+        targets = targets[0]
     peft_cfg = LoraConfig(
         r=lo.lora_r,
         lora_alpha=lo.lora_alpha,
         lora_dropout=lo.lora_dropout,
-        target_modules=lo.lora_target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+        target_modules=targets,  # None: PEFT's default for the architecture (q_proj, v_proj for Llama)
+        task_type=lo.lora_task_type,
+        use_rslora=lo.use_rslora,
+        bias="none",
     )
     try:
         return get_peft_model(model, peft_cfg)
@@ -201,6 +229,17 @@ def lora_spec(peft_model) -> LoraSpec:
     )
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """Where a completion ends: the generation config's eos ids (a list for Llama 3 style chat
+    models), else the tokenizer's eos; as TRL's GKDTrainer sets its generation config."""
+    gen = getattr(model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None)
+    if ids is None:
+        return [tokenizer.eos_token_id]
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return ids if tokenizer.eos_token_id in ids else ids + [tokenizer.eos_token_id]
+
+
 def disable_dropout(model) -> None:
     """Zero every dropout (as TRL's disable_dropout_in_model does, LoRA dropout included)."""
     for mod in model.modules():
@@ -208,14 +247,39 @@ def disable_dropout(model) -> None:
             mod.p = 0.0
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def adapter_tensors(peft_model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors with PEFT's saved names (what PushAdapter and adapter files carry)."""
+    """The adapter's tensors with PEFT's saved names (what PushAdapter and adapter files carry).
+
+    Full fine-tuning (no PEFT): every trainable weight under the checkpoint's own names, a tied
+    weight once (under its first name, e.g. embed_tokens, not lm_head: the checkpoint's).
+    """
+    if not is_peft(peft_model):
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, p in peft_model.named_parameters():  # named_parameters lists a tied tensor once
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out[name] = p.detach().cpu().contiguous()
+        return out
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def load_adapter_tensors(peft_model, tensors: dict[str, torch.Tensor]) -> None:
+    if not is_peft(peft_model):
+        params = dict(peft_model.named_parameters())
+        unknown = [k for k in tensors if k not in params]
+        if unknown:
+            raise UserError(f"checkpoint weights do not fit this model: unexpected tensors {unknown[:3]}")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
+        return
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(peft_model, tensors)

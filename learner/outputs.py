@@ -2,6 +2,7 @@
 
 * `adapter_config.json` + `adapter_model.safetensors` (+ tokenizer) at the root: loads with
   `PeftModel.from_pretrained(base, output_dir)`;
+* without --use_peft (full fine-tuning): the whole model in `model/` (loads in AutoModelForCausalLM);
 * `merged/` with `--save_merged`: a plain transformers model (loads in AutoModelForCausalLM and as
   a rollout server / vLLM base model);
 * `README.md`: a model card with the run's config, final figures and the GKD citation.
@@ -32,14 +33,19 @@ CITATION = """@inproceedings{agarwal2024on-policy,
 }"""
 
 
-def save_adapter(student, tokenizer, out: Path) -> None:
-    student.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+def save_adapter(student, tokenizer, out: Path) -> Path:
+    """The trained weights: the adapter at the root (--use_peft), else the full model in
+    output_dir/model (the root's config.json is the run's resolved config); returns where."""
+    where = out if hasattr(student, "peft_config") else out / "model"
+    student.save_pretrained(str(where), safe_serialization=True)
+    tokenizer.save_pretrained(str(where))
+    return where
 
 
 def save_merged(student, tokenizer, out: Path) -> Path:
     """Merge the LoRA into the base weights and save a plain model. Consumes `student`: call last."""
-    merged = student.merge_and_unload()
+    # Full fine-tuning (no PEFT): the model is already whole.
+    merged = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
     path = out / "merged"
     merged.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
@@ -55,17 +61,17 @@ def write_model_card(cfg: Config, out: Path, final: dict[str, Any]) -> Path:
     )
     card = f"""---
 base_model: {m.model_name_or_path}
-library_name: peft
+library_name: {"peft" if cfg.lora.use_peft else "transformers"}
 tags:
 - gkd
 - knowledge-distillation
-- lora
+- {"lora" if cfg.lora.use_peft else "full-fine-tuning"}
 - gkd-service
 ---
 
 # {out.name}
 
-A LoRA adapter for `{m.model_name_or_path}`, distilled from `{m.teacher_model_name_or_path}` on
+{"A LoRA adapter for" if cfg.lora.use_peft else "A fully fine-tuned"} `{m.model_name_or_path}`, distilled from `{m.teacher_model_name_or_path}` on
 `{d.dataset_name}` with on-policy generalized knowledge distillation (GKD, Agarwal et al., ICLR 2024,
 [arXiv:2306.13649](https://arxiv.org/abs/2306.13649)) by gkd-service: a vLLM rollout server sampled
 the student while the learner trained on the generalized JSD (beta={cfg.gkd.beta}) to the teacher,
@@ -111,7 +117,7 @@ def check_hub(cfg: Config, out: Path) -> str:
     from huggingface_hub import HfApi, get_token
 
     repo = cfg.train.hub_model_id or out.resolve().name
-    token = get_token()
+    token = cfg.train.hub_token or get_token()
     if not token:
         raise UserError(
             f"--push_to_hub to {repo!r}: no Hugging Face token (set HF_TOKEN or run `hf auth login`), "
@@ -142,8 +148,8 @@ def push_to_hub(cfg: Config, out: Path, repo: str | None = None) -> None:
     try:
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
+        api = HfApi(token=cfg.train.hub_token)  # None: HF_TOKEN / the cached login
+        api.create_repo(repo, exist_ok=True, private=cfg.train.hub_private_repo)
         api.upload_folder(
             folder_path=str(out), repo_id=repo, ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"]
         )

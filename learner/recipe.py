@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner import checkpoint, dist, identity, outputs
+from learner import checkpoint, dist, identity, outputs, trl_runtime
+from learner.accumulate import scale_to_step_tokens, update
 from learner.checkpoint import TrainState
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
@@ -37,7 +38,7 @@ from learner.mismatch import (
     sampled_logprobs,
     token_mismatch,
 )
-from learner.models import load_adapter_tensors, load_models, load_tokenizer
+from learner.models import eos_ids, load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
 from learner.rollouts import STUDENT, Rollouts
 from learner.signals import Interrupted, StopFlag
@@ -51,7 +52,7 @@ from learner.sync import (
     wait_for_server,
 )
 from learner.teacher import LocalTeacher, open_remote
-from shared.config import Config, rollout_url, write_resolved
+from shared.config import Config, loss_temperature, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
 
@@ -102,13 +103,15 @@ class GKDRecipe:
         self.stop.install()
         from learner.models import resolve_device
 
+        trl_runtime.check(cfg, resolve_device(cfg.model.device))  # flags this device cannot honour
+        trl_runtime.apply_precision(cfg)
         self.dist = dist.init(resolve_device(cfg.model.device))
         if self.dist.world_size > 1 and torch.cuda.is_available() and cfg.model.device in ("auto", "cuda"):
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg)
-        self.data = load_data(cfg, tokenizer, need_eval=self.eval_on)
+        self.data = load_data(cfg, tokenizer, need_eval=self.eval_on or t.eval_on_start)
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -142,9 +145,9 @@ class GKDRecipe:
                 f"rollout_url {self.url} is a teacher server (--role teacher), which takes no pushes; give the "
                 "student's rollout server as --rollout_url and a teacher server as --teacher_url"
             )
-        check_fingerprint(status, cfg.model.model_name_or_path, self.url)  # before anything is pushed
         # A teacher server is checked (role, tokenizer, top-k) before any model loads.
         self.teacher = open_remote(cfg, tokenizer) if cfg.model.teacher_url else None
+        check_fingerprint(status, cfg.model.model_name_or_path, self.url)  # before anything is pushed
 
         self.m = load_models(cfg)
         if self.teacher is None:
@@ -153,7 +156,7 @@ class GKDRecipe:
                 self.m.teacher_device,
                 vocab=self.m.vocab_size,
                 pad_id=self.m.tokenizer.pad_token_id,
-                eos_id=self.m.tokenizer.eos_token_id,
+                eos_id=eos_ids(self.m.student, self.m.tokenizer),
             )
         else:
             self.teacher.vocab = self.m.vocab_size
@@ -175,8 +178,8 @@ class GKDRecipe:
         )
         self.params = [p for p in self.m.student.parameters() if p.requires_grad]
         dist.broadcast_params(self.params, self.dist)
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        self.scheduler = _scheduler(self.optimizer, t.lr_scheduler_type, t.warmup_ratio, self.total_steps)
+        self.optimizer = trl_runtime.optimizer(cfg, self.params, self.m.device)
+        self.scheduler = trl_runtime.scheduler(cfg, self.optimizer, self.total_steps)
 
         self.state = TrainState(
             step=0, policy_version=0, cursor=Cursor(), micro_batches=0, world_size=self.dist.world_size
@@ -188,7 +191,12 @@ class GKDRecipe:
         if self.dist.is_main:
             self._prepare_output_dir()
         self.metrics = MetricsLog(
-            self.out, resume_step=self.state.step if ckpt else None, enabled=self.dist.is_main
+            self.out,
+            resume_step=self.state.step if ckpt else None,
+            enabled=self.dist.is_main,
+            tensorboard="tensorboard" in trl_runtime.reporters(cfg),
+            tensorboard_dir=t.logging_dir,
+            sinks=trl_runtime.Reporters(cfg, self.dist.is_main),
         )
         if self.dist.is_main:
             self.metrics.log(
@@ -227,6 +235,11 @@ class GKDRecipe:
 
     def _restore(self, path: Path) -> None:
         ck = checkpoint.load(path)
+        if not ck["optimizer"]:
+            raise UserError(
+                f"checkpoint {path} was written with --save_only_model: it holds no optimizer, scheduler or "
+                "RNG state and cannot be resumed; start a fresh run from its weights instead"
+            )
         load_adapter_tensors(self.m.student, ck["adapter"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -402,7 +415,7 @@ class GKDRecipe:
         from tqdm.auto import tqdm
 
         t, st = self.cfg.train, self.state
-        if self.eval_on and st.step == 0:
+        if t.eval_on_start and st.step == 0:  # TRL's --eval_on_start
             self.evaluate()
         bar = self._bar = tqdm(
             total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
@@ -465,11 +478,16 @@ class GKDRecipe:
         )
 
     def optimizer_step(self) -> tuple[float, int, float]:
-        """Accumulate gradient_accumulation_steps micro-batches, then step; return (mean loss, tokens, grad norm)."""
+        """Accumulate gradient_accumulation_steps micro-batches, then step; return (loss, tokens, grad norm).
+
+        The step's loss is TRL's: the per-token losses of all its micro-batches (all ranks) summed
+        and divided by their completion tokens (learner.accumulate.scale_to_step_tokens). With a
+        teacher server the next micro-batch is sent for scoring while this one trains.
+        """
         cfg, m = self.cfg, self.m
         accum = cfg.train.gradient_accumulation_steps
-        temperature = cfg.gkd.loss_temperature or cfg.gkd.temperature
-        losses, tokens = [], 0
+        temperature = loss_temperature(cfg)
+        loss_sum, tokens = 0.0, 0
         remote = self.teacher.remote
         ahead = self._next_scored()
         for i in range(accum):
@@ -479,32 +497,28 @@ class GKDRecipe:
                 # Pipelined: the next rollout goes to the teacher server(s) while we train on this one.
                 ahead = self._next_scored()
             if batch is not None:
-                s_logits = completion_logits(m.student, batch, m.vocab_size)
-                if mb.source == STUDENT and mb.logprobs is not None:
-                    self._check_mismatch(s_logits, batch, mb)
-                loss = targets_loss(
-                    s_logits,
-                    self.teacher.collect(pending, batch),
-                    batch.labels,
-                    loss_type=cfg.gkd.loss_type,
-                    beta=cfg.gkd.beta,
-                    temperature=temperature,
-                    chunk_size=cfg.train.loss_chunk_size,
-                )
-                (loss / accum).backward()
-                losses.append(loss.item())
+                with trl_runtime.autocast(cfg, m.device):
+                    s_logits = completion_logits(m.student, batch, m.vocab_size)
+                    if mb.source == STUDENT and mb.logprobs is not None:
+                        self._check_mismatch(s_logits, batch, mb)
+                    mb_sum = targets_loss(
+                        s_logits,
+                        self.teacher.collect(pending, batch),
+                        batch.labels,
+                        loss_type=cfg.gkd.loss_type,
+                        beta=cfg.gkd.beta,
+                        temperature=temperature,
+                        chunk_size=cfg.train.loss_chunk_size,
+                        reduction="sum",
+                    )
+                mb_sum.backward()
+                loss_sum += mb_sum.item()
                 tokens += batch.n_tokens
             if not remote and more:
                 ahead = self._next_scored()
-        dist.average_gradients(self.params, self.dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
-        return mean_loss, tokens, float(grad_norm)
+        loss = scale_to_step_tokens(self.params, loss_sum, tokens, self.dist)
+        grad_norm = update(cfg, self.params, self.optimizer, self.scheduler, self.dist)
+        return loss, tokens, grad_norm
 
     def _next_scored(self):
         """The next micro-batch as tensors on the student's device, already sent for scoring: (batch, pending)."""
@@ -650,7 +664,7 @@ class GKDRecipe:
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
-            batch_size=cfg.train.per_device_train_batch_size,
+            batch_size=cfg.train.per_device_eval_batch_size,
             device=m.device,
         )
         write_samples(
@@ -709,12 +723,13 @@ class GKDRecipe:
             from learner.models import adapter_tensors
 
             run = self.plan.run
+            only_model = self.cfg.train.save_only_model  # TRL: weights only, not resumable
             path = checkpoint.save(
                 self.out,
                 self.state,
                 adapter_tensors(self.m.student),
-                self.optimizer.state_dict(),
-                self.scheduler.state_dict(),
+                {} if only_model else self.optimizer.state_dict(),
+                {} if only_model else self.scheduler.state_dict(),
                 run={**run.to_json(), "settings": run.settings},
             )
             log.info("checkpoint %s", path)
@@ -782,14 +797,6 @@ def adapter_digest(params) -> str:
     for p in params:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _scheduler(optimizer, kind: str, warmup_ratio: float, total: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(warmup_ratio * total)
-    name = "constant_with_warmup" if kind == "constant" and warmup else kind
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def _seed_everything(seed: int) -> None:

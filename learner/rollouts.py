@@ -287,7 +287,7 @@ def hf_generate(
     prompts: list[list[int]],
     *,
     pad_id: int,
-    eos_id: int,
+    eos_id: int | list[int],
     temperature: float,
     max_new_tokens: int,
     device,
@@ -296,7 +296,8 @@ def hf_generate(
 ) -> list[list[int]]:
     """Sample completions with HF generate (KV cache on), left-padded, seeded without touching global RNG.
 
-    Each completion ends at its first eos (included). Sampling settings are the seed's: temperature,
+    Each completion ends at its first eos (included); `eos_id` may be a list (the generation
+    config's, e.g. Llama 3's <|eot_id|> and <|eom_id|>), as TRL's GKDTrainer stops on. Sampling settings are the seed's: temperature,
     top_k off, top_p 1, no repetition penalty (overriding the checkpoint's generation_config).
     """
     import torch
@@ -325,8 +326,10 @@ def hf_generate(
                 ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
                 seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
                 for row in seqs[:, width:].tolist():
-                    out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+                    end = next((i for i, tok in enumerate(row) if tok in stops), None)
+                    out.append(row[: end + 1] if end is not None else row)
     finally:
         model.train(was_training)
     return out

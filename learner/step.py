@@ -97,8 +97,10 @@ def distill_loss(
     temperature: float,
     teacher_device=None,
     chunk_size: int | None = None,
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """Generalized JSD (mean over completion tokens) of the student to a local teacher model on `batch`."""
+    """Generalized JSD of the student to the teacher on `batch`: the mean over its completion
+    tokens ("batchmean"), or their sum ("sum": the optimizer step divides by all its tokens)."""
     s_logits = completion_logits(student, batch, vocab)
     with torch.no_grad():
         tb = batch if teacher_device is None else batch.to(teacher_device)
@@ -111,6 +113,7 @@ def distill_loss(
         beta=beta,
         temperature=temperature,
         chunk_size=chunk_size,
+        reduction=reduction,
     )
 
 
@@ -123,8 +126,10 @@ def targets_loss(
     beta: float,
     temperature: float,
     chunk_size: int | None = None,
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """The training loss (mean over completion tokens) from the student's logits and the teacher's targets.
+    """The training loss from the student's logits and the teacher's targets: the mean over the
+    completion tokens ("batchmean") or their sum ("sum").
 
     loss_type "jsd": the full-vocabulary generalized JSD with teacher logits, else the top-k + tail
     JSD over the teacher's k + 1 bins; "sampled_rkl": the sampled-token reverse KL on the labels
@@ -137,7 +142,9 @@ def targets_loss(
             with torch.no_grad():
                 t_lp = torch.log_softmax(targets.logits.float() / temperature, dim=-1)
                 t_tok = t_lp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-        return sampled_rkl_loss(s_logits, labels, t_tok, labels=labels, temperature=temperature)
+        return sampled_rkl_loss(
+            s_logits, labels, t_tok, labels=labels, temperature=temperature, reduction=reduction
+        )
     if targets.logits is not None:
         return generalized_jsd_loss(
             s_logits,
@@ -145,9 +152,15 @@ def targets_loss(
             labels=labels,
             beta=beta,
             temperature=temperature,
-            reduction="batchmean",
+            reduction=reduction,
             chunk_size=chunk_size,
         )
     return topk_tail_jsd_loss(
-        s_logits, targets.topk_ids, targets.topk_logprobs, labels=labels, beta=beta, temperature=temperature
+        s_logits,
+        targets.topk_ids,
+        targets.topk_logprobs,
+        labels=labels,
+        beta=beta,
+        temperature=temperature,
+        reduction=reduction,
     )

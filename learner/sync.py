@@ -86,7 +86,7 @@ def compare(
 def push_adapter(
     client,
     student,
-    lora: LoraSpec,
+    lora: LoraSpec | None,
     version: int,
     canary: list[int],
     device,
@@ -97,7 +97,14 @@ def push_adapter(
     replica's, when the client is a replica set; it checks rejoining replicas with the same check)."""
     t0 = time.perf_counter()
     data = pack(adapter_tensors(student))
-    msg = PushAdapter(version=version, adapter=data, sha256=sha256_hex(data), lora=lora, canary_ids=canary)
+    msg = PushAdapter(
+        version=version,
+        adapter=data,
+        sha256=sha256_hex(data),
+        lora=lora,
+        canary_ids=canary,
+        kind="lora" if lora is not None else "full",  # no LoRA: full fine-tuning pushes whole tensors
+    )
     ours = token_logprobs(student, canary, device)  # the weights being pushed: the same before or after
     worst = [0.0, 0.0]  # (mean, max) |Δ| over the replicas checked
 

@@ -42,7 +42,9 @@ class LocalTeacher:
     remote = False
     metric_suffix = ""  # its figures are full-vocabulary ones
 
-    def __init__(self, model: Any, device: torch.device, *, vocab: int, pad_id: int = 0, eos_id: int = 0):
+    def __init__(
+        self, model: Any, device: torch.device, *, vocab: int, pad_id: int = 0, eos_id: int | list[int] = 0
+    ):
         self.model, self.device, self.vocab = model, device, vocab
         self.pad_id, self.eos_id = pad_id, eos_id
 

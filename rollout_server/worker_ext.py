@@ -71,8 +71,26 @@ class WorkerExt:
             touched = set(pairs)
         out = self._gkd_with_siblings(new)
         self.reload_weights(weights_iterator=list(out.items()), is_checkpoint_format=True)
+        if any(name.endswith("embed_tokens.weight") for name in out):
+            self._gkd_retie_lm_head()
         self._gkd_dirty = touched
         return len(out)
+
+    def _gkd_retie_lm_head(self: Any) -> None:
+        """A tied lm_head after its embedding changed (a full push): the reload re-processes only the
+        layers it loaded, so on CPU the lm_head's packed GEMM copy of the embedding stayed the old one
+        (measured: canary |Δ logprob| 1.6 after a changed embedding). Tie it to the loaded embedding
+        again and rebuild its packed copy."""
+        model = self.model_runner.model
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        text_cfg = self.vllm_config.model_config.hf_config.get_text_config()
+        if lm_head is None or embed is None or not getattr(text_cfg, "tie_word_embeddings", False):
+            return
+        lm_head.weight = embed.weight
+        method = getattr(lm_head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(lm_head)
 
     def _gkd_with_siblings(self: Any, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`new` plus (a) weights a previous adapter touched and this one does not (back to

@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
+from shared import trl_flags
+
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_name_or_path: str | None = None
@@ -32,6 +34,12 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     device: str = "auto"
     teacher_device: str | None = None
     teacher_url: str | None = None
+    # ---- TRL ModelConfig's quantization (QLoRA): bitsandbytes, CUDA only
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    use_bnb_nested_quant: bool = False
+    bnb_4bit_quant_storage: str | None = None
 
 
 class LoraConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -40,6 +48,8 @@ class LoraConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
+    use_rslora: bool = False
+    lora_task_type: str = "CAUSAL_LM"
 
 
 class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -60,7 +70,17 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 3.0
     max_steps: int = -1
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ] = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -82,6 +102,25 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     run_name: str | None = None
+    # ---- TRL / HF TrainingArguments: precision, optimizer, schedule, logging (shared/trl_flags.py
+    # classifies the rest of TRL's flags)
+    bf16: bool | None = None
+    fp16: bool = False
+    tf32: bool | None = None
+    use_cpu: bool = False
+    optim: str = "adamw_torch_fused"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_kwargs: dict[str, Any] | str | None = None
+    warmup_steps: float = 0
+    report_to: list[str] | str | None = msgspec.field(default_factory=lambda: ["tensorboard"])
+    logging_dir: str | None = None
+    per_device_eval_batch_size: int = 8
+    eval_on_start: bool = False
+    save_only_model: bool = False
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
 
 
 class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,9 +129,9 @@ class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: float = 0.9
     max_new_tokens: int = 128
     seq_kd: bool = False
-    loss_temperature: float | None = None
+    loss_temperature: float | None = 1.0
     teacher_topk: int = 20
-    loss_type: Literal["jsd", "sampled_rkl"] = "jsd"
+    loss_type: Literal["jsd", "sampled_rkl", "nll", "dft"] = "jsd"
 
 
 class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -128,7 +167,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
 }
 
 HELP: dict[str, str] = {
-    "model_name_or_path": "Student model: hub id or local directory.",
+    "model_name_or_path": "Student model: hub id (org/name, or a single name like gpt2) or local directory.",
     "teacher_model_name_or_path": "Teacher model: hub id or local directory (required).",
     "torch_dtype": "Weights dtype for student and teacher; auto = bfloat16 on CUDA (TF32 matmuls on), float32 on CPU.",
     "attn_implementation": "transformers attention implementation (eager, sdpa, flash_attention_2).",
@@ -137,11 +176,18 @@ HELP: dict[str, str] = {
     "device": "Student device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.",
     "teacher_device": "Teacher device (default: the student's); the teacher may live on another device.",
     "teacher_url": "Teacher server(s) (gkd-rollout-server --role teacher): tcp://host:port or ray://<actor name>, comma-separated for replicas (least-loaded); the teacher is then not loaded here and the loss is the top-k + tail JSD (or sampled RKL).",
-    "use_peft": "Train a LoRA adapter (otherwise the LoRA defaults are still used: the service syncs adapters).",
+    "use_peft": "Train a LoRA adapter (TRL's meaning); off (TRL's default): full fine-tuning, pushes carry whole tensors.",
     "lora_r": "LoRA rank.",
     "lora_alpha": "LoRA alpha (scale = alpha / r).",
     "lora_dropout": "LoRA dropout.",
-    "lora_target_modules": "Modules to adapt; default: all linear projections.",
+    "lora_target_modules": "Modules to adapt (all-linear: every linear projection); default: PEFT's per-architecture default (q_proj, v_proj for Llama/Qwen2).",
+    "use_rslora": "Rank-stabilised LoRA: scale = lora_alpha / sqrt(r).",
+    "lora_task_type": "PEFT task type; CAUSAL_LM (the only one a causal-LM distillation can use).",
+    "load_in_4bit": "QLoRA: load the student in 4 bits (bitsandbytes, CUDA only); the server serves the unquantized base.",
+    "load_in_8bit": "Load the student in 8 bits (bitsandbytes, CUDA only).",
+    "bnb_4bit_quant_type": "4-bit quantization type.",
+    "use_bnb_nested_quant": "Nested (double) quantization of the 4-bit constants.",
+    "bnb_4bit_quant_storage": "Storage dtype of the 4-bit weights (e.g. uint8, bfloat16).",
     "dataset_name": "Hub dataset name or a local .json/.jsonl/.parquet file or directory.",
     "dataset_config": "Dataset configuration name.",
     "dataset_train_split": "Split to train on.",
@@ -175,6 +221,23 @@ HELP: dict[str, str] = {
     "save_total_limit": "Keep only the newest N complete checkpoints (default: all).",
     "resume_from_checkpoint": "TRL's resume flag: a checkpoint path, or true (alone: --resume_from_checkpoint) for the latest checkpoint of the run in output_dir.",
     "run_name": "A name for the run (logs, config.json, model card); default: the output_dir name.",
+    "bf16": "bf16 mixed precision (autocast) for the student and teacher forwards; weights stay --torch_dtype.",
+    "fp16": "fp16 mixed precision (autocast, gradient scaling); CUDA only.",
+    "tf32": "Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU).",
+    "use_cpu": "Train on the CPU even when CUDA is available (sets --device cpu).",
+    "optim": "Optimizer: adamw_torch or adamw_torch_fused (TRL's default).",
+    "adam_beta1": "AdamW beta1.",
+    "adam_beta2": "AdamW beta2.",
+    "adam_epsilon": "AdamW epsilon.",
+    "lr_scheduler_kwargs": "Extra scheduler arguments as JSON (e.g. '{\"num_cycles\": 2}').",
+    "warmup_steps": "Linear warmup steps; a value in (0, 1) is a share of the total steps (overrides warmup_ratio).",
+    "report_to": "Where metrics also go: tensorboard, wandb, trackio, none or all (metrics.jsonl always).",
+    "logging_dir": "TensorBoard directory (default: output_dir/runs).",
+    "per_device_eval_batch_size": "Sequences per evaluation forward pass.",
+    "eval_on_start": "Evaluate once before the first optimizer step.",
+    "save_only_model": "Checkpoints hold the weights only (no optimizer, scheduler or RNG state): they cannot be resumed.",
+    "hub_token": "Hugging Face token for --push_to_hub (default: HF_TOKEN / the cached login); never written to disk.",
+    "hub_private_repo": "Create the hub repo as private.",
     "loss_chunk_size": "Tokens per chunk of the chunked fused JSD; setting it forces that path (default: automatic, ~1M logits per chunk, used for large inputs).",
     "torch_num_threads": "CPU threads for the learner's torch ops (default: torch's); 1 avoids thread thrashing when a CPU rollout server shares few cores.",
     "lmbda": "Share of micro-batches trained on the student's own samples (on-policy), in [0, 1].",
@@ -182,9 +245,9 @@ HELP: dict[str, str] = {
     "temperature": "Sampling temperature; also divides both logits in the loss.",
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
-    "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
+    "loss_temperature": "Temperature dividing both logits in the loss (default 1.0, as TRL's GKDTrainer, whose loss ignores --temperature).",
     "teacher_topk": "Top-k entries per position a remote teacher (--teacher_url) sends; the loss then has k + 1 bins (the top-k and the rest).",
-    "loss_type": "jsd: generalized JSD (full vocabulary, or top-k + tail with --teacher_url); sampled_rkl: sampled-token reverse KL (needs lmbda 1).",
+    "loss_type": "jsd: generalized JSD (full vocabulary, or top-k + tail with --teacher_url); sampled_rkl: sampled-token reverse KL (needs lmbda 1); TRL's SFT values nll and dft, which GKDTrainer's loss ignores, mean jsd.",
     "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
@@ -320,6 +383,7 @@ def validate(cfg: Config) -> list[str]:
         errs.append(
             f"transport={r.transport!r} does not match rollout_url={r.rollout_url!r}: a {r.transport} URL starts with {scheme}"
         )
+    errs += validate_trl(cfg)
     if g.max_new_tokens >= d.max_length:
         errs.append(
             f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}"
@@ -332,7 +396,7 @@ def _teacher_errors(cfg: Config) -> list[str]:
     g, m, errs = cfg.gkd, cfg.model, []
     if g.teacher_topk <= 0:
         errs.append(f"teacher_topk={g.teacher_topk} is invalid: must be a positive integer")
-    loss_t = g.loss_temperature or g.temperature
+    loss_t = loss_temperature(cfg)
     if g.loss_type == "sampled_rkl" and g.lmbda < 1.0:
         errs.append(
             f"loss_type='sampled_rkl' needs lmbda=1 (got {g.lmbda}): the sampled reverse KL is only valid on the student's own samples"
@@ -355,6 +419,87 @@ def _teacher_errors(cfg: Config) -> list[str]:
             "(vLLM prompt logprobs) and tempering its top-k exactly would need its whole tail; pass --loss_temperature 1"
         )
     return errs
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+REPORTERS = ("tensorboard", "wandb", "trackio", "none", "all")
+
+
+def validate_trl(cfg: Config) -> list[str]:
+    """The TRL-named settings (shared/trl_flags.py): one line per mistake."""
+    errs: list[str] = []
+    t, lo, m = cfg.train, cfg.lora, cfg.model
+    if t.optim not in OPTIMIZERS:
+        errs.append(
+            f"--optim: not supported by gkd-service: {t.optim!r}; the learner's optimizer is one of {', '.join(OPTIMIZERS)}"
+        )
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(t, name)
+        if not 0.0 <= v < 1.0:
+            errs.append(f"{name}={v!r} is invalid: must be in [0, 1)")
+    if t.adam_epsilon <= 0:
+        errs.append(f"adam_epsilon={t.adam_epsilon!r} is invalid: must be > 0")
+    if t.warmup_steps < 0 or (0 < t.warmup_steps < 1 and t.warmup_ratio):
+        errs.append(
+            f"warmup_steps={t.warmup_steps!r} is invalid: must be >= 0 (steps, or a share in (0, 1)), and not with warmup_ratio"
+        )
+    elif t.warmup_steps >= 1 and t.warmup_steps != int(t.warmup_steps):
+        errs.append(f"warmup_steps={t.warmup_steps!r} is invalid: a step count >= 1 is a whole number")
+    if t.per_device_eval_batch_size <= 0:
+        errs.append(
+            f"per_device_eval_batch_size={t.per_device_eval_batch_size!r} is invalid: must be a positive integer"
+        )
+    if t.bf16 and t.fp16:
+        errs.append("bf16 and fp16 are both set: choose one mixed precision")
+    bad = [r for r in t.report_to if r not in REPORTERS]
+    if bad:
+        errs.append(f"report_to={bad[0]!r} is invalid: must be among {', '.join(REPORTERS)}")
+    try:
+        scheduler_kwargs(cfg)
+    except ValueError as e:
+        errs.append(str(e))
+    if lo.lora_task_type != "CAUSAL_LM":
+        errs.append(
+            f"--lora_task_type: not supported by gkd-service: {lo.lora_task_type!r}; the student is a causal LM (CAUSAL_LM)"
+        )
+    if m.load_in_4bit and m.load_in_8bit:
+        errs.append("load_in_4bit and load_in_8bit are both set: choose one")
+    if (m.load_in_4bit or m.load_in_8bit) and not lo.use_peft:
+        errs.append(
+            f"--load_in_{'4' if m.load_in_4bit else '8'}bit needs --use_peft: quantized weights cannot be fine-tuned in full (QLoRA trains a LoRA)"
+        )
+    return errs
+
+
+def scheduler_kwargs(cfg: Config) -> dict[str, Any]:
+    """--lr_scheduler_kwargs as a dict (JSON text on the command line, a mapping in a file)."""
+    v = cfg.train.lr_scheduler_kwargs
+    if v is None or v == "":
+        return {}
+    if isinstance(v, dict):
+        return v
+    try:
+        d = json.loads(v)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"lr_scheduler_kwargs={v!r} is invalid: not JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"lr_scheduler_kwargs={v!r} is invalid: must be a JSON object")
+    return d
+
+
+def loss_temperature(cfg: Config) -> float:
+    """The temperature dividing both logits in the loss: 1.0 (TRL's) unless --loss_temperature."""
+    return cfg.gkd.loss_temperature or 1.0
+
+
+def warmup_steps(cfg: Config, total: int) -> int:
+    """Warmup steps: --warmup_steps (a count, or a share of `total` below 1), else --warmup_ratio."""
+    import math
+
+    w = cfg.train.warmup_steps
+    if w >= 1:
+        return int(w)
+    return math.ceil((w or cfg.train.warmup_ratio) * total)
 
 
 def resume_target(cfg: Config) -> str | None:
@@ -402,7 +547,8 @@ def check_paths(cfg: Config) -> list[str]:
 
 
 def _looks_local(p: str) -> bool:
-    return p.startswith((".", "/", "~")) or p.endswith((".json", ".jsonl", ".parquet")) or p.count("/") != 1
+    # A hub id is "name" (gpt2) or "org/name"; more segments, or a path-like start or suffix, is local.
+    return p.startswith((".", "/", "~")) or p.endswith((".json", ".jsonl", ".parquet")) or p.count("/") > 1
 
 
 # ---------------------------------------------------------------- files and flags
@@ -506,6 +652,7 @@ def build_parser(
             )
     for flag, kw in extra or []:
         p.add_argument(flag, **kw)
+    trl_flags.add_flags(p, set(field_index()))  # TRL aliases, then the no-effect and refused flags, last
     return p
 
 
@@ -539,8 +686,17 @@ def parse_args(
     parser = build_parser(prog, description, extra)
     ns = parser.parse_args(argv)
     given = vars(ns).copy()
-    nested = load_file(given.pop("config")) if "config" in given else {}
+    aliased, noop, refused = trl_flags.split(given)
+    nested = {}
+    if "config" in given:
+        nested, f_noop, f_refused = _load_file_trl(given.pop("config"))
+        noop, refused = f_noop + noop, f_refused + refused
+    if refused:
+        raise ConfigError(refused)
     idx = field_index()
+    for key, val in aliased.items():
+        if key not in given:  # our own name wins when both are given
+            given[key] = val
     for key in list(given):
         if key in idx:
             nested.setdefault(idx[key][0], {})[key] = given.pop(key)
@@ -549,15 +705,41 @@ def parse_args(
         cfg.rollout.token = os.environ["GKD_TOKEN"]
     if cfg.rollout.rollout_url is None and os.environ.get("GKD_ROLLOUT_URL"):
         cfg.rollout.rollout_url = os.environ["GKD_ROLLOUT_URL"]  # lets the seed's command line run unchanged
+    if not isinstance(cfg.train.report_to, list):  # TRL takes one name or a list
+        cfg.train.report_to = [cfg.train.report_to or "none"]
+    if cfg.train.use_cpu:
+        cfg.model.device = "cpu"
+        cfg.model.teacher_device = cfg.model.teacher_device and "cpu"
     errs = validate(cfg) + check_paths(cfg)
     if errs:
         raise ConfigError(errs)
-    return cfg, argparse.Namespace(**given)
+    return cfg, argparse.Namespace(**given, trl_no_effect=noop)
+
+
+def _load_file_trl(path: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """load_file, with TRL's no-effect and refused keys (flat) taken out first."""
+    p = Path(path)
+    raw = _read_mapping(p) if p.is_file() else None
+    if raw is None:
+        return load_file(path), [], []
+    aliased, noop, refused = trl_flags.split_file(raw, set(field_index()))
+    raw.update({k: v for k, v in aliased.items() if k not in raw})
+    return nest(raw), noop, refused
+
+
+def _read_mapping(p: Path) -> dict[str, Any] | None:
+    try:
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else __import__("yaml").safe_load(text)
+    except Exception:  # noqa: BLE001 - load_file reports it as one line
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     d = msgspec.to_builtins(cfg)
     d["rollout"]["token"] = "***" if d["rollout"]["token"] else None  # never write secrets to disk
+    d["train"]["hub_token"] = "***" if d["train"]["hub_token"] else None
     return d
 
 
@@ -582,6 +764,8 @@ def from_json(path: str | os.PathLike) -> Config:
     d.pop("run", None)  # the run's identity, not a setting
     if d.get("rollout", {}).get("token") == "***":
         d["rollout"]["token"] = None
+    if d.get("train", {}).get("hub_token") == "***":
+        d["train"]["hub_token"] = None
     return to_config(d)
 
 

@@ -432,6 +432,7 @@ def learner_argv(models: TinyModels, dataset: Path, out: Path, url: str, *extra:
         "1",
         "--learning_rate",
         "1e-3",
+        "--use_peft",
         "--lora_r",
         "8",
         "--lora_alpha",

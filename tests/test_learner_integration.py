@@ -58,6 +58,7 @@ def _cfg(tiny_models, data, out, url, *extra):
         "1",
         "--learning_rate",
         "1e-3",
+        "--use_peft",
         "--lora_r",
         "8",
         "--lora_alpha",
@@ -126,6 +127,7 @@ def full_run(tiny_models, tiny_dataset, tmp_path_factory, server_pool):
         "4",
         "--lmbda",
         "0.5",
+        "--eval_on_start",
         "--eval_strategy",
         "steps",
         "--eval_steps",
@@ -258,6 +260,7 @@ def test_prompt_only_dataset_uses_teacher_samples(tiny_models, tmp_path, server)
             "2",
             "--lmbda",
             "0.5",
+            "--eval_on_start",
             "--eval_strategy",
             "steps",
             "--eval_steps",
@@ -294,6 +297,7 @@ def test_heldout_divergence_on_teacher_text_falls(tiny_models, tmp_path, server)
             "5e-3",
             "--lmbda",
             "0.5",
+            "--eval_on_start",
             "--eval_strategy",
             "steps",
             "--eval_steps",
@@ -304,6 +308,8 @@ def test_heldout_divergence_on_teacher_text_falls(tiny_models, tmp_path, server)
             "100",
             "--lora_r",
             "16",
+            "--lora_target_modules",  # the 20% target was set with every linear projection adapted
+            "all-linear",  # (PEFT's default, q_proj and v_proj only, measured 12.5% in 12 steps)
         )
     )
     evals = [r for r in read(out) if "eval/teacher_text/jsd" in r]
@@ -436,6 +442,7 @@ def test_two_learner_processes_over_gloo(tiny_models, tiny_dataset, tmp_path, se
         "128",
         "--logging_steps",
         "1",
+        "--use_peft",
         "--lora_r",
         "8",
         "--learning_rate",

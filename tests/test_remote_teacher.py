@@ -29,7 +29,7 @@ BAD_FLAGS = [
         ["--loss_type", "sampled_rkl", "--lmbda", "1", "--temperature", "0.9", "--loss_temperature", "1"],
         "sampling temperature",
     ),
-    (["--teacher_url", "tcp://127.0.0.1:1", "--temperature", "0.9"], "pass --loss_temperature 1"),
+    (["--teacher_url", "tcp://127.0.0.1:1", "--loss_temperature", "0.9"], "pass --loss_temperature 1"),
     (
         ["--teacher_url", "http://127.0.0.1:1", "--loss_temperature", "1"],
         "teacher_url='http://127.0.0.1:1' is invalid",
