@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import torch
 
 from learner import dist, trl_runtime
-from learner.step import collate, distill_loss
+from learner.step import TeacherTargets, collate, completion_logits, targets_loss
+from learner.teacher import LocalTeacher
 from shared.config import Config, loss_temperature
 
 
@@ -29,8 +30,7 @@ def accumulate(
     `m` is a learner.models.Models; `info` a learner.dist.DistInfo. Leaves the step's gradients
     (token-normalized, not yet averaged over ranks) in `params`.
     """
-    temperature = loss_temperature(cfg)
-    teacher_device = m.teacher_device if m.teacher_device != m.device else None
+    teacher = LocalTeacher(m.teacher, m.teacher_device, vocab=m.vocab_size)
     total, tokens = 0.0, 0
     for prompts, completions in micro_batches:
         batch = collate(prompts, completions, m.tokenizer.pad_token_id, cfg.data.max_length)
@@ -38,21 +38,29 @@ def accumulate(
             continue
         batch = batch.to(m.device)
         with trl_runtime.autocast(cfg, m.device):
-            loss_sum = distill_loss(
-                m.student,
-                m.teacher,
-                batch,
-                vocab=m.vocab_size,
-                beta=cfg.gkd.beta,
-                temperature=temperature,
-                teacher_device=teacher_device,
-                chunk_size=cfg.train.loss_chunk_size,
-                reduction="sum",
-            )
+            s_logits = completion_logits(m.student, batch, m.vocab_size)
+            loss_sum = micro_batch_loss_sum(cfg, s_logits, teacher.collect(None, batch), batch.labels)
         loss_sum.backward()
         total += loss_sum.item()
         tokens += batch.n_tokens
     return scale_to_step_tokens(params, total, tokens, info), tokens
+
+
+def micro_batch_loss_sum(
+    cfg: Config, s_logits: torch.Tensor, targets: TeacherTargets, labels
+) -> torch.Tensor:
+    """The configured loss of one micro-batch, summed over its completion tokens (the step divides
+    by all of them: `scale_to_step_tokens`)."""
+    return targets_loss(
+        s_logits,
+        targets,
+        labels,
+        loss_type=cfg.gkd.loss_type,
+        beta=cfg.gkd.beta,
+        temperature=loss_temperature(cfg),
+        chunk_size=cfg.train.loss_chunk_size,
+        reduction="sum",
+    )
 
 
 def update(cfg: Config, params, optimizer, scheduler, info) -> float:

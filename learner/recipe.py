@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from learner import checkpoint, dist, identity, outputs, trl_runtime
-from learner.accumulate import scale_to_step_tokens, update
+from learner.accumulate import micro_batch_loss_sum, scale_to_step_tokens, update
 from learner.checkpoint import TrainState
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
@@ -42,7 +42,7 @@ from learner.models import eos_ids, load_adapter_tensors, load_models, load_toke
 from learner.reconnect import Reconnector
 from learner.rollouts import STUDENT, Rollouts
 from learner.signals import Interrupted, StopFlag
-from learner.step import IGNORE, collate, completion_logits, targets_loss
+from learner.step import IGNORE, collate, completion_logits
 from learner.sync import (
     adapter_sha,
     bring_server_to_checkpoint,
@@ -52,7 +52,7 @@ from learner.sync import (
     wait_for_server,
 )
 from learner.teacher import LocalTeacher, open_remote
-from shared.config import Config, loss_temperature, rollout_url, write_resolved
+from shared.config import Config, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
 
@@ -266,31 +266,16 @@ class GKDRecipe:
         """Before any rollout, the server must serve exactly our adapter (fresh LoRA or checkpoint's)."""
         version = 0
         if self.dist.is_main:
-            m, timeout = self.m, self.cfg.rollout.request_timeout_s
             if resumed:
                 version, push = bring_server_to_checkpoint(
                     self.client,
-                    m.student,
-                    m.lora,
-                    self.state.policy_version,
-                    self.canary,
-                    m.device,
-                    self.dtype,
-                    timeout,
+                    ckpt_version=self.state.policy_version,
                     pushed_sha=self.state.pushed_sha,
+                    **self._push_kw(),
                 )
             else:
-                current = self.client.status(timeout_s=timeout).policy_version
-                push = push_adapter(
-                    self.client,
-                    m.student,
-                    m.lora,
-                    max(1, current + 1),
-                    self.canary,
-                    m.device,
-                    self.dtype,
-                    timeout,
-                )
+                current = self.client.status(timeout_s=self.cfg.rollout.request_timeout_s).policy_version
+                push = push_adapter(self.client, version=max(1, current + 1), **self._push_kw())
                 version = push.version
             if push is not None:
                 self.state.pushed_sha = push.sha256
@@ -357,17 +342,8 @@ class GKDRecipe:
                     )
                 time.sleep(0.5)
             return served if self.dirty else version
-        m = self.m
         served, push = bring_server_to_checkpoint(
-            self.client,
-            m.student,
-            m.lora,
-            version,
-            self.canary,
-            m.device,
-            self.dtype,
-            self.cfg.rollout.request_timeout_s,
-            pushed_sha=self.state.pushed_sha,
+            self.client, ckpt_version=version, pushed_sha=self.state.pushed_sha, **self._push_kw()
         )
         if push is not None:
             self.last_push, self.state.pushed_sha = push, push.sha256
@@ -486,7 +462,6 @@ class GKDRecipe:
         """
         cfg, m = self.cfg, self.m
         accum = cfg.train.gradient_accumulation_steps
-        temperature = loss_temperature(cfg)
         loss_sum, tokens = 0.0, 0
         remote = self.teacher.remote
         ahead = self._next_scored()
@@ -501,15 +476,8 @@ class GKDRecipe:
                     s_logits = completion_logits(m.student, batch, m.vocab_size)
                     if mb.source == STUDENT and mb.logprobs is not None:
                         self._check_mismatch(s_logits, batch, mb)
-                    mb_sum = targets_loss(
-                        s_logits,
-                        self.teacher.collect(pending, batch),
-                        batch.labels,
-                        loss_type=cfg.gkd.loss_type,
-                        beta=cfg.gkd.beta,
-                        temperature=temperature,
-                        chunk_size=cfg.train.loss_chunk_size,
-                        reduction="sum",
+                    mb_sum = micro_batch_loss_sum(
+                        cfg, s_logits, self.teacher.collect(pending, batch), batch.labels
                     )
                 mb_sum.backward()
                 loss_sum += mb_sum.item()
@@ -544,6 +512,18 @@ class GKDRecipe:
         if problem:
             raise UserError(problem)
 
+    def _push_kw(self) -> dict[str, Any]:
+        """What every push of the student needs besides the client and its version."""
+        m = self.m
+        return dict(
+            student=m.student,
+            lora=m.lora,
+            canary=self.canary,
+            device=m.device,
+            dtype=self.dtype,
+            timeout_s=self.cfg.rollout.request_timeout_s,
+        )
+
     def sync_if_due(self) -> None:
         st = self.state
         if st.step % self.cfg.rollout.sync_steps and st.step != self.total_steps:
@@ -551,19 +531,11 @@ class GKDRecipe:
         version = st.policy_version + 1  # every rank counts pushes the same way; rank 0's push makes it so
         self.dirty = False
         if self.dist.is_main:
-            m = self.m
-            self.state.pushed_sha = adapter_sha(m.student)  # what `version` names, even if the push fails
+            self.state.pushed_sha = adapter_sha(
+                self.m.student
+            )  # what `version` names, even if the push fails
             try:
-                self.last_push = push = push_adapter(
-                    self.client,
-                    m.student,
-                    m.lora,
-                    version,
-                    self.canary,
-                    m.device,
-                    self.dtype,
-                    self.cfg.rollout.request_timeout_s,
-                )
+                self.last_push = push = push_adapter(self.client, version=version, **self._push_kw())
                 self.pushes.append(push)
             except ServerUnavailable as e:
                 version = self._server_lost(str(e), version)

@@ -287,18 +287,12 @@ def validate(cfg: Config) -> list[str]:
     need(g.temperature > 0, "temperature", g.temperature, "> 0")
     need(g.loss_temperature is None or g.loss_temperature > 0, "loss_temperature", g.loss_temperature, "> 0")
     need(g.max_new_tokens > 0, "max_new_tokens", g.max_new_tokens, "a positive integer")
-    need(
-        t.per_device_train_batch_size > 0,
-        "per_device_train_batch_size",
-        t.per_device_train_batch_size,
-        "a positive integer",
-    )
-    need(
-        t.gradient_accumulation_steps > 0,
-        "gradient_accumulation_steps",
-        t.gradient_accumulation_steps,
-        "a positive integer",
-    )
+    # Counts that must be positive (or None where the setting is optional).
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        need(getattr(t, name) > 0, name, getattr(t, name), "a positive integer")
+    for name in ("eval_steps", "loss_chunk_size", "torch_num_threads"):
+        v = getattr(t, name)
+        need(v is None or v > 0, name, v, "a positive integer")
     need(
         t.max_steps == -1 or t.max_steps > 0,
         "max_steps",
@@ -308,21 +302,6 @@ def validate(cfg: Config) -> list[str]:
     need(t.num_train_epochs > 0, "num_train_epochs", t.num_train_epochs, "> 0")
     need(t.learning_rate > 0, "learning_rate", t.learning_rate, "> 0")
     need(0.0 <= t.warmup_ratio < 1.0, "warmup_ratio", t.warmup_ratio, "in [0, 1)")
-    need(t.logging_steps > 0, "logging_steps", t.logging_steps, "a positive integer")
-    need(t.save_steps > 0, "save_steps", t.save_steps, "a positive integer")
-    need(t.eval_steps is None or t.eval_steps > 0, "eval_steps", t.eval_steps, "a positive integer")
-    need(
-        t.loss_chunk_size is None or t.loss_chunk_size > 0,
-        "loss_chunk_size",
-        t.loss_chunk_size,
-        "a positive integer",
-    )
-    need(
-        t.torch_num_threads is None or t.torch_num_threads > 0,
-        "torch_num_threads",
-        t.torch_num_threads,
-        "a positive integer",
-    )
     need(lo.lora_r > 0, "lora_r", lo.lora_r, "a positive integer")
     need(lo.lora_alpha > 0, "lora_alpha", lo.lora_alpha, "a positive integer")
     need(0.0 <= lo.lora_dropout < 1.0, "lora_dropout", lo.lora_dropout, "in [0, 1)")
