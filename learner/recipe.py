@@ -26,6 +26,7 @@ import torch
 
 from learner import checkpoint, dist, identity, outputs
 from learner.checkpoint import TrainState
+from learner.curve import curve_due, curve_point
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
@@ -98,7 +99,11 @@ class GKDRecipe:
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
-        self.data = load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg), need_eval=self.eval_on)
+        self.data = load_data(
+            cfg,
+            load_tokenizer(cfg.model.model_name_or_path, cfg),
+            need_eval=self.eval_on or t.curve_steps is not None,
+        )
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -275,6 +280,7 @@ class GKDRecipe:
             sampler,
             batch_size=cfg.train.per_device_train_batch_size,
             lmbda=cfg.gkd.lmbda,
+            lmbda_schedule=cfg.gkd.lmbda_schedule,
             seq_kd=cfg.gkd.seq_kd,
             seed=cfg.train.seed,
             sampling=sampling,
@@ -365,6 +371,8 @@ class GKDRecipe:
         t, st = self.cfg.train, self.state
         if self.eval_on and st.step == 0:
             self.evaluate()
+        self._t_train0, self._curve_s, self._curve_last = time.perf_counter(), 0.0, None
+        self.curve_if_due()
         bar = self._bar = tqdm(
             total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
         )
@@ -393,11 +401,25 @@ class GKDRecipe:
                 window = Window()
             if self.eval_on and self._eval_due(epoch_before):
                 self.evaluate()
+            self.curve_if_due()
             saved = st.step % t.save_steps == 0 or st.step == self.total_steps
             if saved:
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", v=st.policy_version, **self._replica_postfix())
+            if t.max_time_s is not None and self._train_s() >= t.max_time_s and st.step < self.total_steps:
+                log.info(
+                    "max_time_s=%g reached after step %d of %d: finishing",
+                    t.max_time_s,
+                    st.step,
+                    self.total_steps,
+                )
+                if window.steps:
+                    self.log_window(window)
+                if not saved:
+                    self.save_checkpoint()
+                    saved = True
+                break
             if self._stop_requested():
                 if window.steps:
                     self.log_window(window)
@@ -603,6 +625,48 @@ class GKDRecipe:
         )
         return figures
 
+    def _train_s(self) -> float:
+        """Seconds since training began, less the time the curve points took."""
+        return time.perf_counter() - self._t_train0 - self._curve_s
+
+    def curve_if_due(self, final: bool = False) -> None:
+        """A curve point (learner.curve) at step 0, every curve_steps and at the last step; rank 0 only."""
+        cfg, st = self.cfg, self.state
+        due = curve_due(st.step, cfg.train.curve_steps, self.total_steps) or (
+            final and cfg.train.curve_steps is not None
+        )
+        if not due or not self.dist.is_main or self._curve_last == st.step:
+            return
+        t0, m = time.perf_counter(), self.m
+        n = cfg.data.curve_samples
+        figures = curve_point(
+            m.student,
+            m.teacher,
+            [e.prompt_ids for e in self.data.eval[:n]],
+            self._teacher_texts()[:n],
+            beta=cfg.gkd.beta,
+            vocab=m.vocab_size,
+            pad_id=m.tokenizer.pad_token_id,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.train.per_device_train_batch_size,
+            device=m.device,
+            teacher_device=m.teacher_device if m.teacher_device != m.device else None,
+        )
+        row = {
+            **figures,
+            "curve/train_s": round(self._train_s(), 2),
+            "curve/samples": min(n, len(self.data.eval)),
+        }
+        self._curve_s += time.perf_counter() - t0
+        self._curve_last = st.step
+        self.metrics.log(st.step, row)
+        log.info(
+            "curve @%d: jsd=%.4f (%.1fs)",
+            st.step,
+            figures.get("curve/teacher_text/jsd", float("nan")),
+            time.perf_counter() - t0,
+        )
+
     def _generate_surviving_outages(self, req: GenerateRequest):
         """client.generate, re-asked (at the version re-synced) after the server comes back."""
         base_id, n = req.request_id, 0
@@ -663,6 +727,7 @@ class GKDRecipe:
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, then the adapter, merged model, model card and (optionally) the hub upload."""
+        self.curve_if_due(final=True)
         if self.eval_on:
             self.evaluate()
         if self.dist.is_main:

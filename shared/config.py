@@ -49,6 +49,7 @@ class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_prompt_length: int | None = None
     overlong_prompts: Literal["truncate", "skip"] = "skip"
     eval_samples: int = 32
+    curve_samples: int = 16
 
 
 class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -69,6 +70,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     save_steps: int = 500
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = None
+    curve_steps: int | None = None
+    max_time_s: float | None = None
     push_to_hub: bool = False
     hub_model_id: str | None = None
     save_merged: bool = False
@@ -84,6 +87,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lmbda: float = 0.5
+    lmbda_schedule: Literal["constant", "linear"] = "constant"
     beta: float = 0.5
     temperature: float = 0.9
     max_new_tokens: int = 128
@@ -144,6 +148,7 @@ HELP: dict[str, str] = {
     "max_prompt_length": "Maximum prompt length (default: max_length - max_new_tokens).",
     "overlong_prompts": "What to do with prompts over max_prompt_length: skip or truncate (counted either way).",
     "eval_samples": "Held-out prompts used per evaluation.",
+    "curve_samples": "Eval prompts (the first N) of each curve_steps point.",
     "output_dir": "Where the adapter, checkpoints, metrics and config.json go.",
     "learning_rate": "Peak AdamW learning rate.",
     "per_device_train_batch_size": "Sequences per micro-batch.",
@@ -161,6 +166,8 @@ HELP: dict[str, str] = {
     "save_steps": "Write a resumable checkpoint every N optimizer steps.",
     "eval_strategy": "When to evaluate: no, steps (every eval_steps) or epoch.",
     "eval_steps": "Evaluate every N steps (default: logging_steps).",
+    "curve_steps": "Every N steps, and at the start and end, a cheap held-out point: JSD on the teacher text of the first curve_samples eval prompts, no sampling (curve/* in metrics.jsonl).",
+    "max_time_s": "Stop after the step that crosses this many seconds of training (a fixed wall-clock budget); the final evaluation and saves follow.",
     "push_to_hub": "Upload the adapter to the Hugging Face Hub at the end.",
     "hub_model_id": "Hub repo id for push_to_hub (default: output_dir name).",
     "save_merged": "Also write a merged full model to output_dir/merged.",
@@ -176,6 +183,7 @@ HELP: dict[str, str] = {
     "temperature": "Sampling temperature; also divides both logits in the loss.",
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
+    "lmbda_schedule": "constant: every micro-batch is on-policy with probability lmbda; linear: the probability ramps from 0 at the first step to lmbda at the last (off-policy first, then on-policy).",
     "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
     "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
@@ -239,6 +247,8 @@ def validate(cfg: Config) -> list[str]:
     need(t.logging_steps > 0, "logging_steps", t.logging_steps, "a positive integer")
     need(t.save_steps > 0, "save_steps", t.save_steps, "a positive integer")
     need(t.eval_steps is None or t.eval_steps > 0, "eval_steps", t.eval_steps, "a positive integer")
+    need(t.curve_steps is None or t.curve_steps > 0, "curve_steps", t.curve_steps, "a positive integer")
+    need(t.max_time_s is None or t.max_time_s > 0, "max_time_s", t.max_time_s, "> 0")
     need(
         t.loss_chunk_size is None or t.loss_chunk_size > 0,
         "loss_chunk_size",
@@ -262,6 +272,7 @@ def validate(cfg: Config) -> list[str]:
         "in (0, max_length)",
     )
     need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
+    need(d.curve_samples > 0, "curve_samples", d.curve_samples, "a positive integer")
     need(
         t.save_total_limit is None or t.save_total_limit > 0,
         "save_total_limit",
