@@ -5,8 +5,8 @@ demo's settings in demo/demo.yaml, the recipe's flags on top) for the same wall-
 (`--max_time_s`: training time, evaluations excluded), with the demo's rollout server beside it
 (demo.run.train_stage). For each recipe, on the split evaluated:
 
-- the share of the gap closed: JSD to the teacher on its own text, step 0 vs the end (the teacher's
-  JSD to itself is 0);
+- the share of the gap closed: JSD (at beta 0.5 for every recipe, `--eval_beta`) to the teacher on
+  its own text, step 0 vs the end (the teacher's JSD to itself is 0);
 - the teacher NLL of the student's samples, against the teacher's NLL of its own text;
 - distinct-2 of the student's samples, against the teacher text's;
 - wall time of the learner, its steps, and the curve (JSD vs training seconds, `curve_steps`).
@@ -55,6 +55,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     ),
     "full-ft": ("full fine-tuning instead of LoRA", ["--use_peft", "false"]),
 }
+# Every recipe is scored with the JSD at this beta (the demo's figure), whatever beta it trains with:
+# the JSD at beta 0 is the forward KL, at 0.9 another divergence, and their "gaps" do not compare.
+EVAL_BETA = 0.5
 GUARDED = {
     "full-ft": "full fine-tuning is not available in this learner (--use_peft false still trains LoRA)"
 }
@@ -170,7 +173,8 @@ def run_recipe(name: str, prep, split: str, budget_s: float, work: Path, extra: 
 
     out = work / split / name
     out.mkdir(parents=True, exist_ok=True)
-    flags = RECIPES[name][1] + ["--dataset_test_split", split, "--max_time_s", str(budget_s)] + extra
+    flags = RECIPES[name][1] + ["--dataset_test_split", split, "--max_time_s", str(budget_s)]
+    flags += ["--eval_beta", str(EVAL_BETA)] + extra
     t0 = time.perf_counter()
     watched = train_stage(out, prep, prep.config, out / "learner", flags, out / "logs")
     wall = time.perf_counter() - t0
@@ -239,6 +243,7 @@ def render(result: dict[str, Any], plot_name: str) -> str:
     out = [
         f"Each recipe trained for {s['budget_s']:g} s of training (evaluation excluded) on "
         f"{'the tiny test models' if s['tiny'] else 'the embedded default (demo.prepare teacher, pruned student, demo/demo.yaml)'}; "
+        f"every recipe is scored by the JSD at beta {EVAL_BETA} on teacher text (whatever beta it trains with); "
         f"the winner is chosen on the **validation** split ({s['val_prompts']} training prompts held back from training).",
         "",
     ]

@@ -7,7 +7,8 @@ samples and the teacher text: on the demo's 40 prompts that is ~95 s, too dear t
 (or generated once and cached by the recipe). The teacher's JSD to itself is 0, so the share of the
 gap closed at a point is 1 - jsd / jsd at step 0, on the same prompts.
 
-Rows logged: `curve/teacher_text/{jsd,kl_fwd,kl_rev,student_nll}` with `curve/train_s`, the seconds
+Rows logged: `curve/teacher_text/{jsd,kl_fwd,kl_rev,student_nll}` (the divergences named with the
+teacher server's suffix, e.g. `jsd_top20_tail`, against a `--teacher_url` teacher) with `curve/train_s`, the seconds
 of training so far with the curve points' own time taken out (what a wall-clock budget buys).
 """
 
@@ -45,4 +46,5 @@ def curve_point(
     from learner.evaluate import divergences  # torch: lmbda_at stays importable without it
 
     d = divergences(student, teacher, prompts, teacher_completions, **kw)
-    return {f"curve/teacher_text/{k}": d[k] for k in CURVE_KEYS if k in d}
+    sfx = getattr(teacher, "metric_suffix", "")  # top-k + tail bounds against a teacher server
+    return {f"curve/teacher_text/{k}{sfx if k != 'student_nll' else ''}": d[k] for k in CURVE_KEYS if k in d}

@@ -48,6 +48,7 @@ RESUMABLE = {
     ("rollout", "token"),
     ("rollout", "request_timeout_s"),
     ("rollout", "reconnect_deadline_s"),
+    ("rollout", "max_message_mb"),
 }
 
 # What a run leaves in output_dir that belongs to the run (cleared by --overwrite_output_dir).

@@ -25,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class Models:
     student: Any  # peft.PeftModel around the student base model (trainable LoRA only)
-    teacher: Any  # transformers model, eval mode, requires_grad False
+    teacher: Any  # transformers model, eval mode, requires_grad False; None with a teacher server
     tokenizer: Any  # the student's tokenizer (chat template, pad and eos ids)
     device: torch.device  # where the student lives
     teacher_device: torch.device  # where the teacher lives (may differ)
@@ -41,27 +41,56 @@ def resolve_device(name: str | None, default: torch.device | None = None) -> tor
     return torch.device(name)
 
 
+def resolve_torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--torch_dtype: "auto" is bfloat16 on CUDA (what a GPU user expects, and half the memory) and
+    float32 elsewhere (on CPU fp32 matches a fp32 rollout server exactly: the canary and the
+    policy-mismatch check can then use their tight fp32 bounds)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def enable_tf32(device: torch.device) -> bool:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (as HF's --tf32 does);
+    returns whether TF32 is on for `device`. A no-op elsewhere."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def load_models(cfg: Config) -> Models:
     m = cfg.model
     device = resolve_device(m.device)
     teacher_device = resolve_device(m.teacher_device, default=device)
+    for d in {device, teacher_device}:
+        enable_tf32(d)
     tokenizer = load_tokenizer(m.model_name_or_path, cfg)
-    teacher_tok = load_tokenizer(m.teacher_model_name_or_path, cfg)
-    student = _load_lm(m.model_name_or_path, cfg, "student", use_cache=not cfg.train.gradient_checkpointing)
-    teacher = _load_lm(m.teacher_model_name_or_path, cfg, "teacher", use_cache=True)
-    vocab = check_tokenizers(tokenizer, teacher_tok, _rows(student), _rows(teacher))
+    student = _load_lm(
+        m.model_name_or_path, cfg, "student", device, use_cache=not cfg.train.gradient_checkpointing
+    )
+    if m.teacher_url:  # a teacher server (learner.teacher) scores; its weights are never loaded here
+        teacher, teacher_device, vocab = None, device, _rows(student)
+    else:
+        teacher_tok = load_tokenizer(m.teacher_model_name_or_path, cfg)
+        teacher = _load_lm(m.teacher_model_name_or_path, cfg, "teacher", teacher_device, use_cache=True)
+        vocab = check_tokenizers(tokenizer, teacher_tok, _rows(student), _rows(teacher))
+        log.info("teacher: local %s on %s", m.teacher_model_name_or_path, teacher_device)
 
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep PEFT's graph alive.
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.enable_input_require_grads()
     student = add_lora(student, cfg)
-    teacher.eval().requires_grad_(False)
     if cfg.train.disable_dropout:
         disable_dropout(student)
-        disable_dropout(teacher)
     student.to(device)
-    teacher.to(teacher_device)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+        if cfg.train.disable_dropout:
+            disable_dropout(teacher)
+        teacher.to(teacher_device)
     return Models(student, teacher, tokenizer, device, teacher_device, vocab, lora_spec(student))
 
 
@@ -81,14 +110,14 @@ def load_tokenizer(path: str, cfg: Config):
     return tok
 
 
-def _load_lm(path: str, cfg: Config, role: str, use_cache: bool):
+def _load_lm(path: str, cfg: Config, role: str, device: torch.device, use_cache: bool):
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
     kwargs: dict[str, Any] = {
         "revision": m.model_revision,
         "trust_remote_code": m.trust_remote_code,
-        "dtype": _DTYPES.get(m.torch_dtype, m.torch_dtype),  # "auto" passes through
+        "dtype": resolve_torch_dtype(m.torch_dtype, device),
     }
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation

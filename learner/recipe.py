@@ -31,18 +31,27 @@ from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
 from learner.metrics import MetricsLog
+from learner.mismatch import (
+    SERVER_LOGPROB_TEMPERATURE,
+    MismatchMonitor,
+    align,
+    sampled_logprobs,
+    token_mismatch,
+)
 from learner.models import load_adapter_tensors, load_models, load_tokenizer
 from learner.reconnect import Reconnector
-from learner.rollouts import Rollouts, hf_generate
+from learner.rollouts import STUDENT, Rollouts
 from learner.signals import Interrupted, StopFlag
-from learner.step import collate, distill_loss
+from learner.step import IGNORE, collate, completion_logits, targets_loss
 from learner.sync import (
     adapter_sha,
     bring_server_to_checkpoint,
     canary_ids,
+    check_fingerprint,
     push_adapter,
     wait_for_server,
 )
+from learner.teacher import LocalTeacher, open_remote
 from shared.config import Config, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
@@ -99,11 +108,8 @@ class GKDRecipe:
             torch.cuda.set_device(self.dist.local_rank)  # "cuda" then means this rank's GPU
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
-        self.data = load_data(
-            cfg,
-            load_tokenizer(cfg.model.model_name_or_path, cfg),
-            need_eval=self.eval_on or t.curve_steps is not None,
-        )
+        tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg)
+        self.data = load_data(cfg, tokenizer, need_eval=self.eval_on or t.curve_steps is not None)
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -116,7 +122,12 @@ class GKDRecipe:
         from shared.transport import connect
 
         self.url = rollout_url(cfg)
-        self.client = connect(self.url, token=cfg.rollout.token, timeout_s=cfg.rollout.request_timeout_s)
+        self.client = connect(
+            self.url,
+            token=cfg.rollout.token,
+            timeout_s=cfg.rollout.request_timeout_s,
+            max_message_mb=cfg.rollout.max_message_mb,
+        )
         status = wait_for_server(self.client, self.url, cfg.rollout.reconnect_deadline_s)
         self.reconnector = Reconnector(self.client, self.url, cfg.rollout.reconnect_deadline_s, self._resync)
         log.info(
@@ -127,9 +138,35 @@ class GKDRecipe:
             status.sync_mode,
             status.dtype,
         )
+        if status.role == "teacher":
+            raise UserError(
+                f"rollout_url {self.url} is a teacher server (--role teacher), which takes no pushes; give the "
+                "student's rollout server as --rollout_url and a teacher server as --teacher_url"
+            )
+        check_fingerprint(status, cfg.model.model_name_or_path, self.url)  # before anything is pushed
+        # A teacher server is checked (role, tokenizer, top-k) before any model loads.
+        self.teacher = open_remote(cfg, tokenizer) if cfg.model.teacher_url else None
 
         self.m = load_models(cfg)
+        if self.teacher is None:
+            self.teacher = LocalTeacher(
+                self.m.teacher,
+                self.m.teacher_device,
+                vocab=self.m.vocab_size,
+                pad_id=self.m.tokenizer.pad_token_id,
+                eos_id=self.m.tokenizer.eos_token_id,
+            )
+        else:
+            self.teacher.vocab = self.m.vocab_size
         self.dtype = next(self.m.student.parameters()).dtype
+        dropout = any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in self.m.student.modules())
+        if dropout:
+            log.warning(
+                "dropout is on (--disable_dropout false): the policy-mismatch check after pushes is off"
+            )
+        self.mismatch = MismatchMonitor(
+            self.dtype, status.dtype, tf32=self.m.device.type == "cuda", hard_check=not dropout
+        )
         self.canary = canary_ids(self.m.tokenizer)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size
         self.total_steps = (
@@ -253,9 +290,10 @@ class GKDRecipe:
                     push.canary_max_abs,
                 )
         self.state.policy_version = dist.broadcast_int(version, self.dist)
+        self.mismatch.pushed(self.state.policy_version)
 
     def _make_rollouts(self) -> Rollouts:
-        cfg, m = self.cfg, self.m
+        cfg = self.cfg
         accum = cfg.train.gradient_accumulation_steps
         sampler = PromptSampler(len(self.data.train), cfg.train.seed, cursor=self.state.cursor)
         sampling = SamplingSpec(
@@ -263,14 +301,10 @@ class GKDRecipe:
         )
 
         def teacher_generate(examples, seed):
-            return hf_generate(
-                m.teacher,
+            return self.teacher.generate(
                 [e.prompt_ids for e in examples],
-                pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
-                device=m.teacher_device,
                 seed=seed,
             )
 
@@ -328,6 +362,7 @@ class GKDRecipe:
             self.last_push, self.state.pushed_sha = push, push.sha256
             self.pushes.append(push)
         self.dirty = False
+        self.mismatch.pushed(served)
         return served
 
     def _server_lost(self, why: str, version: int) -> int:
@@ -453,31 +488,32 @@ class GKDRecipe:
         accum = cfg.train.gradient_accumulation_steps
         temperature = cfg.gkd.loss_temperature or cfg.gkd.temperature
         losses, tokens = [], 0
-        for _ in range(accum):
-            mb = self.rollouts.next(self.state.policy_version)
-            batch = collate(
-                [e.prompt_ids for e in mb.examples],
-                mb.completions,
-                m.tokenizer.pad_token_id,
-                cfg.data.max_length,
-            )
-            if batch is None:
-                continue
-            batch = batch.to(m.device)
-            teacher_device = m.teacher_device if m.teacher_device != m.device else None
-            loss = distill_loss(
-                m.student,
-                m.teacher,
-                batch,
-                vocab=m.vocab_size,
-                beta=cfg.gkd.beta,
-                temperature=temperature,
-                teacher_device=teacher_device,
-                chunk_size=cfg.train.loss_chunk_size,
-            )
-            (loss / accum).backward()
-            losses.append(loss.item())
-            tokens += batch.n_tokens
+        remote = self.teacher.remote
+        ahead = self._next_scored()
+        for i in range(accum):
+            batch, pending, mb = ahead
+            more = i + 1 < accum
+            if remote and more:
+                # Pipelined: the next rollout goes to the teacher server(s) while we train on this one.
+                ahead = self._next_scored()
+            if batch is not None:
+                s_logits = completion_logits(m.student, batch, m.vocab_size)
+                if mb.source == STUDENT and mb.logprobs is not None:
+                    self._check_mismatch(s_logits, batch, mb)
+                loss = targets_loss(
+                    s_logits,
+                    self.teacher.collect(pending, batch),
+                    batch.labels,
+                    loss_type=cfg.gkd.loss_type,
+                    beta=cfg.gkd.beta,
+                    temperature=temperature,
+                    chunk_size=cfg.train.loss_chunk_size,
+                )
+                (loss / accum).backward()
+                losses.append(loss.item())
+                tokens += batch.n_tokens
+            if not remote and more:
+                ahead = self._next_scored()
         dist.average_gradients(self.params, self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
@@ -487,6 +523,30 @@ class GKDRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
         return mean_loss, tokens, float(grad_norm)
+
+    def _next_scored(self):
+        """The next micro-batch as tensors on the student's device, already sent for scoring: (batch, pending)."""
+        cfg, m = self.cfg, self.m
+        mb = self.rollouts.next(self.state.policy_version)
+        prompts = [e.prompt_ids for e in mb.examples]
+        batch = collate(prompts, mb.completions, m.tokenizer.pad_token_id, cfg.data.max_length)
+        if batch is None:
+            return None, None, mb
+        return (
+            batch.to(m.device),
+            self.teacher.submit(prompts, mb.completions, cfg.data.max_length, train=True),
+            mb,
+        )
+
+    def _check_mismatch(self, s_logits: torch.Tensor, batch, mb) -> None:
+        """The server's logprobs of its own samples against ours, from the loss's own logits (no
+        second forward); right after a push, beyond the dtype's bound, a hard error."""
+        with torch.no_grad():
+            learner_lp = sampled_logprobs(s_logits, batch.labels, SERVER_LOGPROB_TEMPERATURE)
+        stats = token_mismatch(learner_lp, align(mb.logprobs, batch.labels), batch.labels != IGNORE)
+        problem = self.mismatch.observe(stats, mb.policy_version, self.state.policy_version)
+        if problem:
+            raise UserError(problem)
 
     def sync_if_due(self) -> None:
         st = self.state
@@ -512,6 +572,7 @@ class GKDRecipe:
             except ServerUnavailable as e:
                 version = self._server_lost(str(e), version)
         st.policy_version = version
+        self.mismatch.pushed(version)
         self._log_pushes()
 
     def _log_pushes(self) -> None:
@@ -551,7 +612,10 @@ class GKDRecipe:
             "epoch": self.state.cursor.epoch + self.state.cursor.index / len(self.data.train),
             "data_epoch": self.state.cursor.epoch,
             "data_index": self.state.cursor.index,
+            **self.mismatch.take(),
         }
+        if self.teacher.remote:  # time blocked on teacher scores, and positions scored, since the start
+            row.update(teacher_wait_s=self.teacher.wait_s, teacher_positions=self.teacher.positions)
         push = getattr(self, "last_push", None)
         if push is not None:
             row.update(reload_s=push.reload_s, push_s=push.push_s, canary_max_abs=push.canary_max_abs)
@@ -596,17 +660,16 @@ class GKDRecipe:
         teacher_c = self._teacher_texts()
         figures = evaluate(
             m.student,
-            m.teacher,
+            self.teacher,
             prompts,
             student_completions=student_c,
             teacher_completions=teacher_c,
-            beta=cfg.gkd.beta,
+            beta=_eval_beta(cfg),
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
             batch_size=cfg.train.per_device_train_batch_size,
             device=m.device,
-            teacher_device=m.teacher_device if m.teacher_device != m.device else None,
         )
         write_samples(
             self.out / "samples.jsonl",
@@ -641,16 +704,15 @@ class GKDRecipe:
         n = cfg.data.curve_samples
         figures = curve_point(
             m.student,
-            m.teacher,
+            self.teacher,
             [e.prompt_ids for e in self.data.eval[:n]],
             self._teacher_texts()[:n],
-            beta=cfg.gkd.beta,
+            beta=_eval_beta(cfg),
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
             batch_size=cfg.train.per_device_train_batch_size,
             device=m.device,
-            teacher_device=m.teacher_device if m.teacher_device != m.device else None,
         )
         row = {
             **figures,
@@ -682,19 +744,15 @@ class GKDRecipe:
 
     def _teacher_texts(self) -> list[list[int]]:
         """The dataset's completions; for prompt-only rows, teacher samples (generated once, cached)."""
-        cfg, m, ex = self.cfg, self.m, self.data.eval
+        cfg, ex = self.cfg, self.data.eval
         missing = [
             i for i, e in enumerate(ex) if e.completion_ids is None and i not in self.teacher_eval_cache
         ]
         if missing:
-            gen = hf_generate(
-                m.teacher,
+            gen = self.teacher.generate(
                 [ex[i].prompt_ids for i in missing],
-                pad_id=m.tokenizer.pad_token_id,
-                eos_id=m.tokenizer.eos_token_id,
                 temperature=cfg.gkd.temperature,
                 max_new_tokens=cfg.gkd.max_new_tokens,
-                device=m.teacher_device,
                 seed=cfg.train.seed + 1,
             )
             self.teacher_eval_cache.update(zip(missing, gen))
@@ -768,6 +826,8 @@ class GKDRecipe:
             self.rollouts.close()
         if self.client is not None:
             self.client.close()
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.close()
         if self.metrics is not None:
             self.metrics.close()
         if hasattr(self, "dist"):
@@ -813,3 +873,8 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _eval_beta(cfg: Config) -> float:
+    """The beta of the evaluation's JSD: eval_beta, else the training beta."""
+    return cfg.gkd.beta if cfg.gkd.eval_beta is None else cfg.gkd.eval_beta

@@ -60,6 +60,8 @@ class MicroBatch:
     cursor_after: Cursor  # the data cursor once this micro-batch (and every earlier one) is consumed
     request_id: str | None = None  # in-flight GenerateRequest, for STUDENT
     completions: list[list[int]] | None = None  # one per example, once resolved
+    # STUDENT: the server's log p of each sampled token (Completion.logprobs), same shape as completions
+    logprobs: list[list[float]] | None = None
     policy_version: int | None = None  # version that sampled the completions (STUDENT)
     staleness: int | None = None  # learner version at consumption minus policy_version (STUDENT)
 
@@ -227,6 +229,7 @@ class Rollouts:
                 )
             if staleness <= self.max_staleness:
                 mb.completions = [c.token_ids for c in reply.completions]
+                mb.logprobs = [c.logprobs for c in reply.completions]
                 mb.policy_version, mb.staleness = reply.policy_version, staleness
                 self.stats.staleness.append(staleness)
                 return

@@ -1,4 +1,4 @@
-"""One micro-batch: build the tensors, run student and teacher, take the JSD on completion tokens.
+"""One micro-batch: build the tensors, run student and teacher, take the loss on completion tokens.
 
 Layout: prompts are LEFT-padded and completions RIGHT-padded, so every completion starts at the same
 column P. Only the logits that predict completion tokens (columns P-1 .. P+C-2) are computed
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.loss import generalized_jsd_loss
+from learner.loss import generalized_jsd_loss, sampled_rkl_loss, topk_tail_jsd_loss
 
 IGNORE = -100
 
@@ -35,11 +35,18 @@ class Batch:
         )
 
 
+def fit_completions(
+    prompts: list[list[int]], completions: list[list[int]], max_length: int
+) -> list[list[int]]:
+    """The completions as `collate` keeps them: cut so prompt + completion fits max_length."""
+    return [c[: max(0, max_length - len(p))] for p, c in zip(prompts, completions)]
+
+
 def collate(
     prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_length: int
 ) -> Batch | None:
     """Tensors for one micro-batch; None when no completion has a token to learn from."""
-    comps = [c[: max(0, max_length - len(p))] for p, c in zip(prompts, completions)]
+    comps = fit_completions(prompts, completions, max_length)
     P, C = max(len(p) for p in prompts), max(len(c) for c in comps)
     if C == 0:
         return None
@@ -69,6 +76,17 @@ def completion_logits(model, batch: Batch, vocab: int) -> torch.Tensor:
     return logits[..., :vocab]
 
 
+@dataclass
+class TeacherTargets:
+    """What the loss knows of the teacher on one batch: its full logits (a local teacher), or its
+    top-k and actual-token log-probs at temperature 1 (a teacher server, learner.teacher)."""
+
+    logits: torch.Tensor | None = None  # [B, C, V] teacher logits predicting each completion token
+    topk_ids: torch.Tensor | None = None  # [B, C, k] the teacher's top-k ids (0 on padding)
+    topk_logprobs: torch.Tensor | None = None  # [B, C, k] their log-probs (0 on padding)
+    token_logprobs: torch.Tensor | None = None  # [B, C] log p_teacher(label) (0 on padding)
+
+
 def distill_loss(
     student,
     teacher,
@@ -80,17 +98,56 @@ def distill_loss(
     teacher_device=None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Generalized JSD (mean over completion tokens) of the student to the teacher on `batch`."""
+    """Generalized JSD (mean over completion tokens) of the student to a local teacher model on `batch`."""
     s_logits = completion_logits(student, batch, vocab)
     with torch.no_grad():
         tb = batch if teacher_device is None else batch.to(teacher_device)
         t_logits = completion_logits(teacher, tb, vocab).to(s_logits.device)
-    return generalized_jsd_loss(
+    return targets_loss(
         s_logits,
-        t_logits,
-        labels=batch.labels,
+        TeacherTargets(logits=t_logits),
+        batch.labels,
+        loss_type="jsd",
         beta=beta,
         temperature=temperature,
-        reduction="batchmean",
         chunk_size=chunk_size,
+    )
+
+
+def targets_loss(
+    s_logits: torch.Tensor,
+    targets: TeacherTargets,
+    labels: torch.Tensor,
+    *,
+    loss_type: str,
+    beta: float,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The training loss (mean over completion tokens) from the student's logits and the teacher's targets.
+
+    loss_type "jsd": the full-vocabulary generalized JSD with teacher logits, else the top-k + tail
+    JSD over the teacher's k + 1 bins; "sampled_rkl": the sampled-token reverse KL on the labels
+    (the student's own samples), from the teacher's actual-token log-probs (a local teacher's are
+    taken from its logits at `temperature`).
+    """
+    if loss_type == "sampled_rkl":
+        t_tok = targets.token_logprobs
+        if t_tok is None:
+            with torch.no_grad():
+                t_lp = torch.log_softmax(targets.logits.float() / temperature, dim=-1)
+                t_tok = t_lp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        return sampled_rkl_loss(s_logits, labels, t_tok, labels=labels, temperature=temperature)
+    if targets.logits is not None:
+        return generalized_jsd_loss(
+            s_logits,
+            targets.logits,
+            labels=labels,
+            beta=beta,
+            temperature=temperature,
+            reduction="batchmean",
+            chunk_size=chunk_size,
+        )
+    return topk_tail_jsd_loss(
+        s_logits, targets.topk_ids, targets.topk_logprobs, labels=labels, beta=beta, temperature=temperature
     )

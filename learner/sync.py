@@ -114,6 +114,31 @@ def adapter_sha(student) -> str:
     return sha256_hex(pack(adapter_tensors(student)))
 
 
+def check_fingerprint(status, student_path: str, url: str) -> None:
+    """Refuse a server whose base model is not our student's, before anything is pushed to it.
+
+    Compares `Status.model_fingerprint` with shared.fingerprint.model_fingerprint of the student
+    (config + tokenizer files). Either side "" (a server that cannot tell, a hub id not in the local
+    cache) skips the check with a warning; the canary after the first push still stands guard.
+    """
+    from shared.fingerprint import model_fingerprint, short
+
+    ours, theirs = model_fingerprint(student_path), status.model_fingerprint
+    if not ours or not theirs:
+        log.warning(
+            "cannot compare base models before the first push (fingerprint: server %s, student %s)",
+            short(theirs),
+            short(ours),
+        )
+        return
+    if ours != theirs:
+        raise UserError(
+            f"rollout server {url} serves the base model {status.model!r} (fingerprint {short(theirs)}), but the "
+            f"student is {student_path!r} (fingerprint {short(ours)}): they differ in config or tokenizer; "
+            "nothing was pushed; start gkd-rollout-server with --model set to the student model"
+        )
+
+
 def wait_for_server(client, url: str, deadline_s: float):
     """Status of the server, retrying until `deadline_s`; UserError if it never answers.
 

@@ -142,10 +142,10 @@ def serve(s: ServerSettings) -> int:
     resources: list[Any] = []
     try:
         if s.http_port is not None:
-            from rollout_server.openai_api import OpenAIServer
+            from rollout_server.http import HttpServer
 
             try:
-                http = OpenAIServer(s.host, s.http_port, s.token, s.max_message_mb * 1024 * 1024)
+                http = HttpServer(s.host, s.http_port)
             except OSError as e:
                 raise _Exit(
                     f"--http_port {s.http_port} on {s.host}: {e.strerror or e}; pick another port"
@@ -165,7 +165,19 @@ def serve(s: ServerSettings) -> int:
         service = RolloutService(engine, s)
         resources.insert(0, service)
         if http is not None:
-            http.start(service)
+            try:
+                http.start(
+                    engine,
+                    service,
+                    served_name=s.role,
+                    token=s.token,
+                    max_bytes=s.max_message_mb * 1024 * 1024,
+                )
+            except Exception as e:  # noqa: BLE001 - one line at the process edge
+                log.debug("http start failed", exc_info=True)
+                raise _Exit(
+                    f"the OpenAI endpoint on --http_port {s.http_port} failed to start: {e}"
+                ) from None
         zmq_server.set_service(service)
         extra = f", OpenAI endpoint http://{s.host}:{s.http_port}/v1" if http else ""
         log.info(

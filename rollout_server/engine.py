@@ -174,7 +174,7 @@ class AsyncEngine:
 
     # ---- sampling (on the loop) -----------------------------------------------------------
 
-    def _params(self, s: SamplingSpec, *, detokenize: bool = False, **extra: Any):
+    def _params(self, s: SamplingSpec, **extra: Any):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -186,7 +186,7 @@ class AsyncEngine:
             seed=s.seed,
             stop_token_ids=list(s.stop_token_ids),
             logprobs=0,  # 0 = only the sampled token's logprob
-            detokenize=detokenize,
+            detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
             **extra,
         )
@@ -211,15 +211,6 @@ class AsyncEngine:
         lps = [step[t].logprob for t, step in zip(toks, c.logprobs or [], strict=True)]
         return Completion(
             prompt_id=prompt_id, token_ids=toks, logprobs=lps, finish_reason=c.finish_reason or "length"
-        )
-
-    async def generate_text(self, ids: list[int], spec: SamplingSpec) -> tuple[str, Completion]:
-        """One completion with its text (for the OpenAI endpoint)."""
-        c = (await self._final(ids, self._params(spec, detokenize=True))).outputs[0]
-        toks = list(c.token_ids)
-        lps = [step[t].logprob for t, step in zip(toks, c.logprobs or [], strict=True)]
-        return c.text, Completion(
-            prompt_id="", token_ids=toks, logprobs=lps, finish_reason=c.finish_reason or "length"
         )
 
     async def prompt_logprobs(self, token_ids: list[int], k: int) -> Any:

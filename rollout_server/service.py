@@ -1,6 +1,6 @@
 """The rollout service: requests in, replies out, on the engine's event loop.
 
-Transports (ZeroMQ, Ray, in-process, the OpenAI HTTP endpoint) hand requests to `handle_bytes` or
+Transports (ZeroMQ, Ray, in-process) hand requests to `handle_bytes` or
 `submit` from any thread and get exactly one reply through the callback they pass (called from the
 engine loop's thread). The work itself runs as coroutines on that loop:
 
@@ -10,7 +10,8 @@ engine loop's thread). The work itself runs as coroutines on that loop:
   on the old weights, then the workers reload in place (with vLLM's generation paused too, for
   requests that reach the engine by other routes), the version moves on and the gate opens.
 
-So the weights never change under a running request: every GenerateReply is produced by exactly
+vLLM's OpenAI app (`http.py`) sends its requests straight to the same engine, each admitted
+through the same gate (`admitted`). So the weights never change under a running request: every GenerateReply is produced by exactly
 one policy version, and says which. A push is fully validated before the engine is touched, and a
 rejected push leaves the previous version serving.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import logging
 import os
@@ -27,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,20 +227,16 @@ class RolloutService:
             problem = ""
         return ErrorReply(code="bad_request", message=problem, request_id=rid) if problem else None
 
-    def run_on_engine(
-        self, fn: Callable[[Any], Awaitable[Any]], timeout_s: float | None = None
-    ) -> tuple[Any, int]:
-        """Await fn(engine) on the loop like a generate request (never during a push); returns
-        (result, the policy version that served it). Blocks the calling thread."""
-
-        async def job() -> tuple[Any, int]:
-            version = await self._enter()
-            try:
-                return await fn(self.engine), version
-            finally:
-                await self._leave()
-
-        return asyncio.run_coroutine_threadsafe(job(), self.loop).result(timeout_s)
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[int]:
+        """On the loop: hold one request of another front end on this engine (vLLM's OpenAI app)
+        in flight like a generate request: it waits while a push reloads, a push waits for it,
+        and it runs on one policy version, the one yielded."""
+        version = await self._enter()
+        try:
+            yield version
+        finally:
+            await self._leave()
 
     def status(self) -> Status:
         now = time.monotonic()

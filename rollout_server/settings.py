@@ -29,7 +29,10 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_lora_rank: int = 64  # largest adapter rank accepted (also vLLM's max_lora_rank in lora mode)
     max_message_mb: int = DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024)  # larger messages are refused unread
     http_port: int | None = None  # OpenAI-compatible endpoint port (None: off)
-    enforce_eager: bool | None = None  # no CUDA graphs / compile; None: on for CPU, off on GPU
+    # No CUDA graphs / torch.compile. None: on for CPU (there are no CUDA graphs to capture there),
+    # off on GPU (graphs replay each decode step without per-kernel launch overhead, the fast path;
+    # the cost is a slower engine start while they are captured).
+    enforce_eager: bool | None = None
     seed: int = 0  # engine seed
     trust_remote_code: bool = False
     max_num_seqs: int = 64  # concurrent sequences per engine step

@@ -24,12 +24,14 @@ import msgspec
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_name_or_path: str | None = None
     teacher_model_name_or_path: str | None = None
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 on CUDA (with TF32 matmuls), float32 on CPU (learner.models.resolve_torch_dtype)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     model_revision: str = "main"
     device: str = "auto"
     teacher_device: str | None = None
+    teacher_url: str | None = None
 
 
 class LoraConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -93,6 +95,9 @@ class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_new_tokens: int = 128
     seq_kd: bool = False
     loss_temperature: float | None = None
+    eval_beta: float | None = None
+    teacher_topk: int = 20
+    loss_type: Literal["jsd", "sampled_rkl"] = "jsd"
 
 
 class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +111,7 @@ class RolloutConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_port: int = 5555
     request_timeout_s: float = 600.0
     reconnect_deadline_s: float = 120.0
+    max_message_mb: int | None = None  # None: shared.messages.DEFAULT_MAX_MESSAGE_BYTES (512 MiB)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,12 +135,13 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
 HELP: dict[str, str] = {
     "model_name_or_path": "Student model: hub id or local directory.",
     "teacher_model_name_or_path": "Teacher model: hub id or local directory (required).",
-    "torch_dtype": "Weights dtype for student and teacher.",
+    "torch_dtype": "Weights dtype for student and teacher; auto = bfloat16 on CUDA (TF32 matmuls on), float32 on CPU.",
     "attn_implementation": "transformers attention implementation (eager, sdpa, flash_attention_2).",
     "trust_remote_code": "Allow custom modelling code from the model repo.",
     "model_revision": "Hub revision (branch, tag or commit) of the models.",
     "device": "Student device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.",
     "teacher_device": "Teacher device (default: the student's); the teacher may live on another device.",
+    "teacher_url": "Teacher server(s) (gkd-rollout-server --role teacher): tcp://host:port or ray://<actor name>, comma-separated for replicas (least-loaded); the teacher is then not loaded here and the loss is the top-k + tail JSD (or sampled RKL).",
     "use_peft": "Train a LoRA adapter (otherwise the LoRA defaults are still used: the service syncs adapters).",
     "lora_r": "LoRA rank.",
     "lora_alpha": "LoRA alpha (scale = alpha / r).",
@@ -184,7 +191,10 @@ HELP: dict[str, str] = {
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
     "lmbda_schedule": "constant: every micro-batch is on-policy with probability lmbda; linear: the probability ramps from 0 at the first step to lmbda at the last (off-policy first, then on-policy).",
+    "eval_beta": "Beta of the evaluation's (and the curve's) JSD (default: the training beta); fix it to compare runs of different beta on one figure.",
     "loss_temperature": "Temperature dividing both logits in the loss (default: temperature; TRL's GKDTrainer uses 1.0).",
+    "teacher_topk": "Top-k entries per position a remote teacher (--teacher_url) sends; the loss then has k + 1 bins (the top-k and the rest).",
+    "loss_type": "jsd: generalized JSD (full vocabulary, or top-k + tail with --teacher_url); sampled_rkl: sampled-token reverse KL (needs lmbda 1).",
     "rollout_url": "Rollout server: tcp://host:port (ZeroMQ) or ray://<actor name>; a comma-separated list for several replicas (env GKD_ROLLOUT_URL; default tcp://server_host:server_port).",
     "transport": "Transport; auto picks it from the rollout_url scheme.",
     "sync_steps": "Push the adapter every N optimizer steps.",
@@ -195,6 +205,7 @@ HELP: dict[str, str] = {
     "server_port": "Rollout server port.",
     "request_timeout_s": "Seconds to wait for one rollout reply.",
     "reconnect_deadline_s": "How long to retry an unreachable server before failing.",
+    "max_message_mb": "Largest message the learner sends or accepts, in MiB (default 512); a 7B adapter at r64 is ~650 MB in fp32: raise it here and the server's --max_message_mb.",
 }
 
 
@@ -222,6 +233,7 @@ def validate(cfg: Config) -> list[str]:
     need(0.0 <= g.beta <= 1.0, "beta", g.beta, "in [0, 1]")
     need(g.temperature > 0, "temperature", g.temperature, "> 0")
     need(g.loss_temperature is None or g.loss_temperature > 0, "loss_temperature", g.loss_temperature, "> 0")
+    need(g.eval_beta is None or 0.0 <= g.eval_beta <= 1.0, "eval_beta", g.eval_beta, "in [0, 1]")
     need(g.max_new_tokens > 0, "max_new_tokens", g.max_new_tokens, "a positive integer")
     need(
         t.per_device_train_batch_size > 0,
@@ -289,13 +301,20 @@ def validate(cfg: Config) -> list[str]:
     need(0 < r.server_port < 65536, "server_port", r.server_port, "in [1, 65535]")
     need(r.request_timeout_s > 0, "request_timeout_s", r.request_timeout_s, "> 0")
     need(r.reconnect_deadline_s > 0, "reconnect_deadline_s", r.reconnect_deadline_s, "> 0")
+    need(
+        r.max_message_mb is None or r.max_message_mb > 0,
+        "max_message_mb",
+        r.max_message_mb,
+        "a positive integer",
+    )
     need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
     need(
-        bool(m.teacher_model_name_or_path),
+        bool(m.teacher_model_name_or_path) or bool(m.teacher_url),
         "teacher_model_name_or_path",
         m.teacher_model_name_or_path,
-        "set (the teacher model)",
+        "set (the teacher model), or a teacher server given as --teacher_url",
     )
+    errs += _teacher_errors(cfg)
     need(bool(d.dataset_name), "dataset_name", d.dataset_name, "set (a hub dataset or a local file)")
     urls = [u.strip() for u in (r.rollout_url or "").split(",")] if r.rollout_url is not None else []
     if any(not u.startswith(("tcp://", "ray://", "inproc://")) for u in urls):
@@ -318,6 +337,36 @@ def validate(cfg: Config) -> list[str]:
     if g.max_new_tokens >= d.max_length:
         errs.append(
             f"max_new_tokens={g.max_new_tokens} is invalid: must be smaller than max_length={d.max_length}"
+        )
+    return errs
+
+
+def _teacher_errors(cfg: Config) -> list[str]:
+    """The remote-teacher and loss-type settings (one line each)."""
+    g, m, errs = cfg.gkd, cfg.model, []
+    if g.teacher_topk <= 0:
+        errs.append(f"teacher_topk={g.teacher_topk} is invalid: must be a positive integer")
+    loss_t = g.loss_temperature or g.temperature
+    if g.loss_type == "sampled_rkl" and g.lmbda < 1.0:
+        errs.append(
+            f"loss_type='sampled_rkl' needs lmbda=1 (got {g.lmbda}): the sampled reverse KL is only valid on the student's own samples"
+        )
+    if g.loss_type == "sampled_rkl" and g.temperature != loss_t:
+        errs.append(
+            f"loss_type='sampled_rkl' needs the sampling temperature ({g.temperature}) to equal the loss temperature ({loss_t}): "
+            "its gradient assumes the tokens are samples of the distribution it scores"
+        )
+    if m.teacher_url is None:
+        return errs
+    urls = [u.strip() for u in m.teacher_url.split(",")]
+    if not all(u.startswith(("tcp://", "ray://")) for u in urls) or len(set(urls)) != len(urls):
+        errs.append(
+            f"teacher_url={m.teacher_url!r} is invalid: must be distinct tcp://host:port or ray://<actor name> URLs, comma-separated"
+        )
+    if loss_t != 1.0:
+        errs.append(
+            f"loss temperature {loss_t} is invalid with teacher_url: a teacher server scores at temperature 1 "
+            "(vLLM prompt logprobs) and tempering its top-k exactly would need its whole tail; pass --loss_temperature 1"
         )
     return errs
 
@@ -353,6 +402,8 @@ def check_paths(cfg: Config) -> list[str]:
     """Local paths that are clearly meant to be local but do not exist (hub ids pass)."""
     errs = []
     for field in ("model_name_or_path", "teacher_model_name_or_path"):
+        if field == "teacher_model_name_or_path" and cfg.model.teacher_url:
+            continue  # served by the teacher server, never loaded here
         p = getattr(cfg.model, field)
         if p and _looks_local(p) and not Path(p).exists():
             errs.append(f"{field}={p!r} does not exist: give an existing model directory or a hub id")

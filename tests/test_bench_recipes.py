@@ -71,9 +71,8 @@ def test_tiny_sweep_of_two_recipes_writes_table_plot_and_section(tmp_path):
         assert r["steps"] > 0 and r["learner_wall_s"] > 5
         assert len(r["curve"]) >= 2 and r["curve"][-1]["train_s"] >= 5
         assert r["jsd_before"] > 0 and r["teacher_own_nll"] > 0 and 0 < r["distinct2"] <= 1
-        assert any(
-            "dataset_test_split validation" in " ".join(r["flags"][i : i + 2]) for i in range(len(r["flags"]))
-        )
+        pairs = [" ".join(r["flags"][i : i + 2]) for i in range(len(r["flags"]))]
+        assert "--dataset_test_split validation" in pairs and "--eval_beta 0.5" in pairs
     table = (tmp_path / "out" / "recipes.md").read_text()
     assert "| `default` |" in table and "| `beta0` |" in table and "validation" in table
     png = tmp_path / "plots" / "recipes_jsd_vs_time.png"

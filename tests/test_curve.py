@@ -56,7 +56,9 @@ def test_new_flags_parse_into_the_typed_config():
     cfg = parse_args(
         REQUIRED
         + ["--curve_steps", "5", "--curve_samples", "8", "--max_time_s", "60", "--lmbda_schedule", "linear"]
+        + ["--eval_beta", "0.5", "--beta", "0.9"]
     )[0]
+    assert (cfg.gkd.eval_beta, cfg.gkd.beta) == (0.5, 0.9)
     assert (cfg.train.curve_steps, cfg.data.curve_samples, cfg.train.max_time_s) == (5, 8, 60.0)
     assert cfg.gkd.lmbda_schedule == "linear"
     assert parse_args(REQUIRED)[0].gkd.lmbda_schedule == "constant"
@@ -69,6 +71,7 @@ def test_new_flags_parse_into_the_typed_config():
         (["--curve_samples", "0"], "curve_samples"),
         (["--max_time_s", "0"], "max_time_s"),
         (["--lmbda_schedule", "cosine"], "lmbda_schedule"),
+        (["--eval_beta", "1.5"], "eval_beta"),
     ],
 )
 def test_bad_curve_and_schedule_values_exit_2_in_one_line(extra, field, capsys):

@@ -27,24 +27,37 @@ def split_urls(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
-def connect(url: str, *, token: str | None = None, timeout_s: float = 600.0, **kw: Any) -> RolloutClient:
+def connect(
+    url: str,
+    *,
+    token: str | None = None,
+    timeout_s: float = 600.0,
+    max_message_mb: int | None = None,
+    **kw: Any,
+) -> RolloutClient:
     """Return a RolloutClient for `url` (or for a comma-separated list of them). Imports only the
-    transport it needs."""
+    transport it needs. `max_message_mb` (None: DEFAULT_MAX_MESSAGE_BYTES) caps what the ZeroMQ and
+    Ray clients send and accept; an in-process client has no wire, the service's own cap applies."""
     urls = split_urls(url)
     if len(urls) > 1:
         from shared.transport.replicas import ReplicaSet
 
         if any(u.startswith("inproc://") for u in urls):
             raise ValueError(f"rollout_url={url!r}: inproc:// cannot be part of a replica list")
-        return ReplicaSet(urls, lambda u: connect(u, token=token, timeout_s=timeout_s, **kw))
+        return ReplicaSet(
+            urls,
+            lambda u: connect(u, token=token, timeout_s=timeout_s, max_message_mb=max_message_mb, **kw),
+        )
     if url.startswith("tcp://"):
         from shared.transport.zmq_client import ZmqClient
 
-        return ZmqClient(url, token=token, timeout_s=timeout_s, **kw)
+        return ZmqClient(url, token=token, timeout_s=timeout_s, max_message_mb=max_message_mb, **kw)
     if url.startswith("ray://"):
         from shared.transport.ray_transport import RayClient
 
-        return RayClient(url.removeprefix("ray://"), token=token, timeout_s=timeout_s, **kw)
+        return RayClient(
+            url.removeprefix("ray://"), token=token, timeout_s=timeout_s, max_message_mb=max_message_mb, **kw
+        )
     if url.startswith("inproc://"):
         from shared.transport.inproc import InprocClient
 

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from shared.messages import (
-    Envelope,
-    GenerateReply,
-    GenerateRequest,
-    PushAdapter,
-    PushReply,
-    ScoreReply,
-    ScoreRequest,
-    Status,
-    StatusRequest,
-    decode_reply,
-    encode,
-)
-from shared.transport.base import ServerUnavailable, expect_reply
+from shared import messages as m
+from shared.transport.base import RolloutClient, ServerUnavailable, expect_reply
 
 
-class InprocClient:
+class InprocClient(RolloutClient):
     def __init__(self, *, service: Any, token: str | None = None, timeout_s: float = 600.0):
         self._service = service
         self._token = token or ""
@@ -46,7 +33,7 @@ class InprocClient:
                 self._replies[key] = data
                 self._cv.notify_all()
 
-        self._service.handle_bytes(encode(Envelope(token=self._token, body=body)), on_reply)
+        self._service.handle_bytes(m.encode(m.Envelope(token=self._token, body=body)), on_reply)
 
     def _wait(self, key: str, timeout_s: float | None) -> Any:
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -56,45 +43,29 @@ class InprocClient:
                     f"no reply from the in-process rollout service within {timeout:.0f} s"
                 )
             data = self._replies.pop(key)
-        return decode_reply(data)
+        return m.decode_reply(data)
 
-    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
+    def submit(self, req: m.GenerateRequest | m.ScoreRequest) -> str:
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         self._send(req, req.request_id)
         return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
-        return expect_reply(self._wait(request_id, timeout_s), GenerateReply)
+    def result(self, request_id: str, timeout_s: float | None = None) -> m.GenerateReply:
+        return expect_reply(self._wait(request_id, timeout_s), m.GenerateReply)
 
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
-
-    def push_adapter(
-        self,
-        msg: PushAdapter,
-        timeout_s: float | None = None,
-        verify: Callable[[PushReply], None] | None = None,
-    ) -> PushReply:
+    def _push(self, msg: m.PushAdapter, timeout_s: float | None) -> m.PushReply:
         key = "push-" + uuid.uuid4().hex
         self._send(msg, key)
-        reply = expect_reply(self._wait(key, timeout_s), PushReply)
-        if verify is not None:
-            verify(reply)
-        return reply
+        return expect_reply(self._wait(key, timeout_s), m.PushReply)
 
-    def status(self, timeout_s: float | None = None) -> Status:
+    def status(self, timeout_s: float | None = None) -> m.Status:
         key = "status-" + uuid.uuid4().hex
-        self._send(StatusRequest(), key)
-        return expect_reply(self._wait(key, timeout_s), Status)
+        self._send(m.StatusRequest(), key)
+        return expect_reply(self._wait(key, timeout_s), m.Status)
 
-    submit_score = submit  # score requests carry an id too
-
-    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
-        return expect_reply(self._wait(request_id, timeout_s), ScoreReply)
-
-    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
-        return self.score_result(self.submit_score(req), timeout_s)
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> m.ScoreReply:
+        return expect_reply(self._wait(request_id, timeout_s), m.ScoreReply)
 
     def close(self) -> None:
         self._closed = True

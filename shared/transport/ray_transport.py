@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
     GenerateReply,
     PushAdapter,
@@ -31,7 +31,7 @@ from shared.messages import (
     decode_reply,
     encode,
 )
-from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
+from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable, expect_reply
 
 if TYPE_CHECKING:
     from shared.messages import GenerateRequest, Request, ScoreRequest
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 NAMESPACE = "gkd"
 
 
-class RayClient:
+class RayClient(RolloutClient):
     """A RolloutClient talking to a named RolloutActor through Ray."""
 
     def __init__(
@@ -52,6 +52,7 @@ class RayClient:
         timeout_s: float = 600.0,
         namespace: str = NAMESPACE,
         lookup_timeout_s: float = 60.0,
+        max_message_mb: int | None = None,
     ):
         import ray
 
@@ -64,6 +65,9 @@ class RayClient:
         self._token = token or ""
         self._timeout_s = timeout_s
         self._pending: dict[str, Any] = {}  # request_id -> ObjectRef of the encoded reply
+        # Larger messages are refused here, before they reach the object store (the actor's service
+        # applies the server's own --max_message_mb on its side).
+        self.max_bytes = max_message_mb * 1024 * 1024 if max_message_mb else DEFAULT_MAX_MESSAGE_BYTES
         self._actor = _lookup(actor_name, namespace, lookup_timeout_s)
 
     # ---- RolloutClient ----------------------------------------------------------------------
@@ -82,21 +86,10 @@ class RayClient:
         del self._pending[request_id]
         return expect_reply(reply, kind)
 
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
-
-    def push_adapter(
-        self,
-        msg: PushAdapter | Any,
-        timeout_s: float | None = None,
-        verify: Callable[[PushReply], None] | None = None,
-    ) -> PushReply:
+    def _push(self, msg: PushAdapter | Any, timeout_s: float | None) -> PushReply:
         """`msg` may also be what `share` returned: the same object-store copy for every actor."""
         ref = self._send(msg) if isinstance(msg, PushAdapter) else self._actor.call.remote(msg)
-        reply = expect_reply(self._wait(ref, timeout_s), PushReply)
-        if verify is not None:
-            verify(reply)
-        return reply
+        return expect_reply(self._wait(ref, timeout_s), PushReply)
 
     def share(self, msg: PushAdapter) -> Any:
         """Put the encoded push in the object store once; any RayClient of the same token can push
@@ -108,13 +101,8 @@ class RayClient:
     def status(self, timeout_s: float | None = None) -> Status:
         return expect_reply(self._wait(self._send(StatusRequest()), timeout_s), Status)
 
-    submit_score = submit  # score requests carry an id too
-
     def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
         return self.result(request_id, timeout_s, kind=ScoreReply)
-
-    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
-        return self.score_result(self.submit_score(req), timeout_s)
 
     def close(self) -> None:
         # Dropping the refs is all there is: the actor belongs to whoever started it, not to us.
@@ -125,9 +113,14 @@ class RayClient:
     def _send(self, body: Request) -> Any:
         import ray
 
+        data = encode(Envelope(token=self._token, body=body))
+        if len(data) > self.max_bytes:
+            raise RemoteError(
+                "too_large",
+                f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // (1024 * 1024)}",
+            )
         # ray.put sends the payload through the object store explicitly (not inlined in the call).
-        data = ray.put(encode(Envelope(token=self._token, body=body)))
-        return self._actor.call.remote(data)
+        return self._actor.call.remote(ray.put(data))
 
     def _wait(self, ref: Any, timeout_s: float | None) -> Any:
         import ray

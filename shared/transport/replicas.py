@@ -39,15 +39,7 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import (
-    GenerateReply,
-    GenerateRequest,
-    PushAdapter,
-    PushReply,
-    ScoreReply,
-    ScoreRequest,
-    Status,
-)
+from shared import messages as m
 from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable
 
 log = logging.getLogger("gkd.transport")
@@ -65,7 +57,7 @@ class Replica:
     version: int = 0  # the policy version it serves, as last seen (status, push, replies)
     outstanding: int = 0  # sequences submitted to it and not yet collected
     served: int = 0  # replies collected from it by this set
-    last: Status | None = None  # its last status
+    last: m.Status | None = None  # its last status
     seen: float = 0.0  # monotonic time `version` was last learned from a status
 
 
@@ -77,16 +69,16 @@ class _Pending:
     inner: str = ""  # the id it has on that replica (unique per placement)
 
 
-def work_of(req: GenerateRequest | ScoreRequest) -> int:
+def work_of(req: m.GenerateRequest | m.ScoreRequest) -> int:
     """Outstanding work a request adds: its sequences (prompts to sample, or to score), at least 1."""
-    return max(1, len(req.prompts if isinstance(req, GenerateRequest) else req.sequences))
+    return max(1, len(req.prompts if isinstance(req, m.GenerateRequest) else req.sequences))
 
 
 def _is_loss(e: BaseException) -> bool:
     return isinstance(e, ServerUnavailable) or (isinstance(e, RemoteError) and e.code == "unavailable")
 
 
-class ReplicaSet:
+class ReplicaSet(RolloutClient):
     def __init__(
         self,
         urls: list[str],
@@ -104,7 +96,7 @@ class ReplicaSet:
         self._replicas = [Replica(u, state=SERVING) for u in urls]
         self._pending: dict[str, _Pending] = {}
         self._events: list[dict[str, Any]] = []
-        self._last_push: tuple[PushAdapter, Callable[[PushReply], None] | None] | None = None
+        self._last_push: tuple[m.PushAdapter, Callable[[m.PushReply], None] | None] | None = None
         self._error: BaseException | None = None  # a prober's hard error, raised by the next call
         self._seq = 0
         self._closed = False
@@ -116,7 +108,7 @@ class ReplicaSet:
 
     # ---- the RolloutClient interface ------------------------------------------------------
 
-    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
+    def submit(self, req: m.GenerateRequest | m.ScoreRequest) -> str:
         with self._lock:
             self._check()
             if not req.request_id:
@@ -127,20 +119,12 @@ class ReplicaSet:
             self._place(p)
             return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None) -> GenerateReply:
+    def result(self, request_id: str, timeout_s: float | None = None) -> m.GenerateReply:
         return self._collect(request_id, timeout_s)
-
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
 
     # Teacher servers (`score` requests) are routed and failed over the same way.
-    submit_score = submit
-
-    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> m.ScoreReply:
         return self._collect(request_id, timeout_s)
-
-    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
-        return self.score_result(self.submit_score(req), timeout_s)
 
     def _collect(self, request_id: str, timeout_s: float | None) -> Any:
         p = self._pending.get(request_id)
@@ -156,7 +140,7 @@ class ReplicaSet:
                     raise ServerUnavailable(self._all_gone())
                 r, inner = p.replica, p.inner
             try:
-                if isinstance(p.req, ScoreRequest):
+                if isinstance(p.req, m.ScoreRequest):
                     reply = r.client.score_result(inner, timeout_s)
                 else:
                     reply = r.client.result(inner, timeout_s)
@@ -170,16 +154,16 @@ class ReplicaSet:
             with self._lock:
                 self._forget(request_id, p)
                 r.served += 1
-                if isinstance(reply, GenerateReply):
+                if isinstance(reply, m.GenerateReply):
                     r.version = max(r.version, reply.policy_version)
             return msgspec.structs.replace(reply, request_id=request_id)
 
     def push_adapter(
         self,
-        msg: PushAdapter,
+        msg: m.PushAdapter,
         timeout_s: float | None = None,
-        verify: Callable[[PushReply], None] | None = None,
-    ) -> PushReply:
+        verify: Callable[[m.PushReply], None] | None = None,
+    ) -> m.PushReply:
         """Push to every replica in rotation; return once all serve `msg.version`, each verified."""
         with self._lock:  # held throughout: a prober cannot rejoin mid-push at the old version
             self._check()
@@ -193,7 +177,7 @@ class ReplicaSet:
                     for r in targets
                 ]
                 outcomes = [_outcome(f) for f in futures]
-            replies: list[PushReply] = []
+            replies: list[m.PushReply] = []
             for r, out in zip(targets, outcomes):
                 if isinstance(out, BaseException) and _is_loss(out):
                     self._lose(r, str(out))
@@ -207,7 +191,7 @@ class ReplicaSet:
             self._last_push = (msg, verify)
             return msgspec.structs.replace(replies[0], reload_s=max(x.reload_s for x in replies))
 
-    def status(self, timeout_s: float | None = None) -> Status:
+    def status(self, timeout_s: float | None = None) -> m.Status:
         """The set's status: version = newest in rotation; queue, tokens/s and counters summed."""
         deadline = time.monotonic() + (600.0 if timeout_s is None else timeout_s)
         with self._joined:
@@ -353,7 +337,7 @@ class ReplicaSet:
     def _all_gone(self) -> str:
         return f"every rollout replica is gone ({', '.join(self.urls)})"
 
-    def _poll(self, timeout_s: float | None) -> list[tuple[Replica, Status | None]]:
+    def _poll(self, timeout_s: float | None) -> list[tuple[Replica, m.Status | None]]:
         """A status from every replica in rotation (None for one that was lost meanwhile)."""
         with self._lock:
             serving = self._serving()
@@ -427,7 +411,7 @@ def _outcome(future: Any) -> Any:
         return e
 
 
-def _shared_body(msg: PushAdapter, clients: list[Any]) -> Any:
+def _shared_body(msg: m.PushAdapter, clients: list[Any]) -> Any:
     """What each client is pushed: on Ray one object-store copy for all (`share`), else msg."""
     first = clients[0]
     share = getattr(first, "share", None)
@@ -436,7 +420,7 @@ def _shared_body(msg: PushAdapter, clients: list[Any]) -> Any:
     return msg
 
 
-def _aggregate(statuses: list[Status]) -> Status:
+def _aggregate(statuses: list[m.Status]) -> m.Status:
     first = statuses[0]
     return msgspec.structs.replace(
         first,

@@ -17,32 +17,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shared.messages import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    Envelope,
-    GenerateReply,
-    GenerateRequest,
-    PushAdapter,
-    PushReply,
-    ScoreReply,
-    ScoreRequest,
-    Status,
-    StatusRequest,
-    decode_reply,
-    encode,
-)
-from shared.transport.base import RemoteError, ServerUnavailable, expect_reply
+from shared import messages as m
+from shared.transport.base import RemoteError, RolloutClient, ServerUnavailable, expect_reply
 
 _MiB = 1024 * 1024
 
 
-class ZmqClient:
+class ZmqClient(RolloutClient):
     def __init__(
         self,
         url: str,
@@ -59,7 +45,7 @@ class ZmqClient:
         self._down_since: float | None = None  # monotonic time the link went down; None while connected
         self._lost: str | None = None  # why the link was last reset, until a caller has been told
         self._token = token or ""
-        self.max_bytes = max_message_mb * _MiB if max_message_mb else DEFAULT_MAX_MESSAGE_BYTES
+        self.max_bytes = max_message_mb * _MiB if max_message_mb else m.DEFAULT_MAX_MESSAGE_BYTES
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
@@ -71,7 +57,7 @@ class ZmqClient:
 
     # ---- the RolloutClient interface ------------------------------------------------------
 
-    def submit(self, req: GenerateRequest | ScoreRequest) -> str:
+    def submit(self, req: m.GenerateRequest | m.ScoreRequest) -> str:
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         if req.request_id in self._pending:
@@ -83,38 +69,21 @@ class ZmqClient:
         self._pending.add(req.request_id)
         return req.request_id
 
-    def result(self, request_id: str, timeout_s: float | None = None, kind: type = GenerateReply) -> Any:
+    def result(self, request_id: str, timeout_s: float | None = None, kind: type = m.GenerateReply) -> Any:
         if request_id not in self._pending and request_id not in self._done:
             raise KeyError(f"unknown request id {request_id!r}")
         self._wait(lambda: request_id in self._done, timeout_s)
         self._pending.discard(request_id)
         return self._expect(self._done.pop(request_id), kind)
 
-    def generate(self, req: GenerateRequest, timeout_s: float | None = None) -> GenerateReply:
-        return self.result(self.submit(req), timeout_s)
+    def _push(self, msg: m.PushAdapter, timeout_s: float | None) -> m.PushReply:
+        return self._expect(self._call(msg, timeout_s), m.PushReply)
 
-    def push_adapter(
-        self,
-        msg: PushAdapter,
-        timeout_s: float | None = None,
-        verify: Callable[[PushReply], None] | None = None,
-    ) -> PushReply:
-        reply = self._expect(self._call(msg, timeout_s), PushReply)
-        if verify is not None:
-            verify(reply)
-        return reply
+    def status(self, timeout_s: float | None = None) -> m.Status:
+        return self._expect(self._call(m.StatusRequest(), timeout_s), m.Status)
 
-    def status(self, timeout_s: float | None = None) -> Status:
-        return self._expect(self._call(StatusRequest(), timeout_s), Status)
-
-    # Score requests carry an id like generate requests, so they travel the same way.
-    submit_score = submit
-
-    def score_result(self, request_id: str, timeout_s: float | None = None) -> ScoreReply:
-        return self.result(request_id, timeout_s, kind=ScoreReply)
-
-    def score(self, req: ScoreRequest, timeout_s: float | None = None) -> ScoreReply:
-        return self.score_result(self.submit_score(req), timeout_s)
+    def score_result(self, request_id: str, timeout_s: float | None = None) -> m.ScoreReply:
+        return self.result(request_id, timeout_s, kind=m.ScoreReply)
 
     def close(self) -> None:
         if self._ctx is None:
@@ -161,7 +130,7 @@ class ZmqClient:
         self._drain_monitor()
         if self._lost is not None:  # stays set until a caller is told (_call, _expect)
             raise ServerUnavailable(self._lost)
-        data = encode(Envelope(token=self._token, body=body))
+        data = m.encode(m.Envelope(token=self._token, body=body))
         if len(data) > self.max_bytes:
             raise RemoteError(
                 "too_large", f"message of {len(data)} bytes exceeds max_message_mb={self.max_bytes // _MiB}"
@@ -220,7 +189,7 @@ class ZmqClient:
                 data = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = decode_reply(data)
+            reply = m.decode_reply(data)
             rid = getattr(reply, "request_id", "")
             if rid and rid in self._pending:
                 self._done[rid] = reply
