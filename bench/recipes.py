@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     common.setup_process()
+    # The learner and server it starts must run this checkout's code, also where the installed
+    # entry points belong to another checkout (a shared virtual environment).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))
     args = build_parser().parse_args(argv)
     args.budget_s = args.budget_s or (6.0 if args.tiny else 300.0)
     args.val_prompts = args.val_prompts or (4 if args.tiny else 40)
