@@ -112,6 +112,53 @@ def eval_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("eval/teacher_text/jsd") is not None]
 
 
+def curve_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The learner's curve points (`curve_steps`), one per step, in step order."""
+    by_step = {r["step"]: r for r in rows if r.get("curve/teacher_text/jsd") is not None}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def curve_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """step, training seconds, held-out JSD on teacher text and the share of the gap closed so far.
+
+    The teacher's JSD to itself is 0, so the gap at a point is its JSD and the share closed is
+    1 - jsd / jsd at the first point (the same prompts throughout).
+    """
+    pts = curve_rows(rows)
+    if not pts:
+        return []
+    j0 = pts[0]["curve/teacher_text/jsd"]
+    return [
+        {
+            "step": r["step"],
+            "train_s": r.get("curve/train_s"),
+            "jsd": r["curve/teacher_text/jsd"],
+            "closed": 1.0 - r["curve/teacher_text/jsd"] / j0 if j0 > 0 else float("nan"),
+        }
+        for r in pts
+    ]
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], x: str = "step") -> Path:
+    """Held-out JSD on teacher text against `x` ("step" or "train_s"), one line per curve (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, pts in curves.items():
+        ax.plot([p[x] for p in pts], [p["jsd"] for p in pts], marker="o", label=label)
+    ax.axhline(0.0, color="tab:red", linestyle="--", label="teacher (0)")
+    xlabel = "optimizer step" if x == "step" else "training seconds (evaluation excluded)"
+    ax.set(title="held-out JSD to the teacher on teacher text", xlabel=xlabel, ylabel="JSD per token")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def train_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("loss") is not None]
 
@@ -200,6 +247,9 @@ def _config(learner_out: Path) -> dict[str, Any]:
         "max_staleness",
         "torch_dtype",
         "eval_samples",
+        "curve_samples",
+        "curve_steps",
+        "lmbda_schedule",
     )
     return {k: flat.get(k) for k in keep}
 
@@ -290,7 +340,32 @@ def plot(root: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> lis
     fig.savefig(root / "heldout.png", dpi=110)
     plt.close(fig)
     files.append("heldout.png")
+    if len(curve_rows(rows)) >= 2:
+        plot_curves(root / "curve.png", {"distilled student": curve_points(rows)})
+        files.append("curve.png")
     return files
+
+
+def curve_section(rows: list[dict[str, Any]], n_prompts: Any) -> list[str]:
+    """The report's curve: held-out JSD at every curve point (markdown lines; none without points)."""
+    pts = curve_points(rows)
+    if not pts:
+        return []
+    out = [
+        "## Held-out JSD during training",
+        "",
+        f"JSD to the teacher on the teacher text of the first {n_prompts} held-out prompts, at every "
+        "`curve_steps` point (no sampling, so it costs two forward passes); the share of the gap closed "
+        "is against the first point. The curve is in `curve.png`.",
+        "",
+        "| step | training s | JSD on teacher text | gap closed |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    out += [
+        f"| {p['step']} | {_fmt(p['train_s'], 1)} | {_fmt(p['jsd'])} | {100 * p['closed']:.0f}% |"
+        for p in pts
+    ]
+    return out + [""]
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -305,7 +380,7 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def render(summary: dict[str, Any], plots: list[str]) -> str:
+def render(summary: dict[str, Any], plots: list[str], rows: list[dict[str, Any]] | None = None) -> str:
     b, a, t, q = summary["before"], summary["after"], summary["teacher"], summary["quality"]
     m, th, cfg = summary["models"], summary["throughput"], summary["config"]
     out = [
@@ -336,6 +411,7 @@ def render(summary: dict[str, Any], plots: list[str]) -> str:
         "The teacher's column: its JSD/KL to itself is 0; its NLL and distinct-2 are of its own samples, drawn like the "
         "student's (same prompts, temperature, length cap and seed).",
         "",
+        *curve_section(rows or [], summary["config"].get("curve_samples")),
         "## Curves",
         "",
         *[f"![{p}]({p})" for p in plots],
@@ -394,7 +470,7 @@ def write_report(root: Path) -> Path:
     summary, rows = read_summary(root)
     plots = plot(root, summary, rows)
     path = root / "report.md"
-    path.write_text(render(summary, plots))
+    path.write_text(render(summary, plots, rows))
     return path
 
 

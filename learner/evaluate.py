@@ -6,7 +6,8 @@ Figures (per completion token, at temperature 1 — the models' own distribution
   generalized JSD at the training beta, forward KL(teacher||student), reverse KL(student||teacher),
   the teacher's NLL of the samples, distinct-2 and mean length;
 * ``eval/teacher_text/*``: the same divergences on teacher-written completions (the dataset's, or
-  teacher samples for prompt-only data), plus the student's NLL of them and their distinct-2.
+  teacher samples for prompt-only data), plus the student's and the teacher's NLL of them (the
+  teacher's own reference figure) and their distinct-2.
 
 With a teacher server (`--teacher_url`) the divergences are taken over the teacher's top-k + tail
 bins, lower bounds of the full-vocabulary ones, and named so: ``eval/student/jsd_top20_tail`` etc.
@@ -176,7 +177,7 @@ def evaluate(
     out.update(
         {
             f"eval/teacher_text/{name(k)}": on_teacher[k]
-            for k in ("jsd", "kl_fwd", "kl_rev", "student_nll")
+            for k in ("jsd", "kl_fwd", "kl_rev", "student_nll", "teacher_nll")
             if k in on_teacher
         }
     )

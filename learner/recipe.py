@@ -27,6 +27,7 @@ import torch
 from learner import checkpoint, dist, identity, outputs, trl_runtime
 from learner.accumulate import micro_batch_loss_sum, scale_to_step_tokens, update
 from learner.checkpoint import TrainState
+from learner.curve import curve_due, curve_point
 from learner.data import Cursor, PromptSampler, load_data
 from learner.errors import UserError
 from learner.evaluate import evaluate, write_samples
@@ -111,7 +112,9 @@ class GKDRecipe:
         # Cheap checks first (nothing is written until models, data and server check out).
         self.eval_on = t.eval_strategy != "no"
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg)
-        self.data = load_data(cfg, tokenizer, need_eval=self.eval_on or t.eval_on_start)
+        self.data = load_data(
+            cfg, tokenizer, need_eval=self.eval_on or t.eval_on_start or t.curve_steps is not None
+        )
         if self.dist.is_main:
             self._check_output_dir()
         self.plan = identity.plan(cfg)
@@ -311,6 +314,7 @@ class GKDRecipe:
             sampler,
             batch_size=cfg.train.per_device_train_batch_size,
             lmbda=cfg.gkd.lmbda,
+            lmbda_schedule=cfg.gkd.lmbda_schedule,
             seq_kd=cfg.gkd.seq_kd,
             seed=cfg.train.seed,
             sampling=sampling,
@@ -393,6 +397,8 @@ class GKDRecipe:
         t, st = self.cfg.train, self.state
         if t.eval_on_start and st.step == 0:  # TRL's --eval_on_start
             self.evaluate()
+        self._t_train0, self._curve_s, self._curve_last = time.perf_counter(), 0.0, None
+        self.curve_if_due()
         bar = self._bar = tqdm(
             total=self.total_steps, initial=st.step, desc="gkd", unit="step", disable=not self.dist.is_main
         )
@@ -421,11 +427,25 @@ class GKDRecipe:
                 window = Window()
             if self.eval_on and self._eval_due(epoch_before):
                 self.evaluate()
+            self.curve_if_due()
             saved = st.step % t.save_steps == 0 or st.step == self.total_steps
             if saved:
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", v=st.policy_version, **self._replica_postfix())
+            if t.max_time_s is not None and self._train_s() >= t.max_time_s and st.step < self.total_steps:
+                log.info(
+                    "max_time_s=%g reached after step %d of %d: finishing",
+                    t.max_time_s,
+                    st.step,
+                    self.total_steps,
+                )
+                if window.steps:
+                    self.log_window(window)
+                if not saved:
+                    self.save_checkpoint()
+                    saved = True
+                break
             if self._stop_requested():
                 if window.steps:
                     self.log_window(window)
@@ -632,7 +652,7 @@ class GKDRecipe:
             prompts,
             student_completions=student_c,
             teacher_completions=teacher_c,
-            beta=cfg.gkd.beta,
+            beta=_eval_beta(cfg),
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
@@ -655,6 +675,47 @@ class GKDRecipe:
             " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in figures.items()),
         )
         return figures
+
+    def _train_s(self) -> float:
+        """Seconds since training began, less the time the curve points took."""
+        return time.perf_counter() - self._t_train0 - self._curve_s
+
+    def curve_if_due(self, final: bool = False) -> None:
+        """A curve point (learner.curve) at step 0, every curve_steps and at the last step; rank 0 only."""
+        cfg, st = self.cfg, self.state
+        due = curve_due(st.step, cfg.train.curve_steps, self.total_steps) or (
+            final and cfg.train.curve_steps is not None
+        )
+        if not due or not self.dist.is_main or self._curve_last == st.step:
+            return
+        t0, m = time.perf_counter(), self.m
+        n = cfg.data.curve_samples
+        figures = curve_point(
+            m.student,
+            self.teacher,
+            [e.prompt_ids for e in self.data.eval[:n]],
+            self._teacher_texts()[:n],
+            beta=_eval_beta(cfg),
+            vocab=m.vocab_size,
+            pad_id=m.tokenizer.pad_token_id,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.train.per_device_train_batch_size,
+            device=m.device,
+        )
+        row = {
+            **figures,
+            "curve/train_s": round(self._train_s(), 2),
+            "curve/samples": min(n, len(self.data.eval)),
+        }
+        self._curve_s += time.perf_counter() - t0
+        self._curve_last = st.step
+        self.metrics.log(st.step, row)
+        log.info(
+            "curve @%d: jsd=%.4f (%.1fs)",
+            st.step,
+            figures.get("curve/teacher_text/jsd", float("nan")),
+            time.perf_counter() - t0,
+        )
 
     def _generate_surviving_outages(self, req: GenerateRequest):
         """client.generate, re-asked (at the version re-synced) after the server comes back."""
@@ -713,6 +774,7 @@ class GKDRecipe:
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, then the adapter, merged model, model card and (optionally) the hub upload."""
+        self.curve_if_due(final=True)
         if self.eval_on:
             self.evaluate()
         if self.dist.is_main:
@@ -792,3 +854,8 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _eval_beta(cfg: Config) -> float:
+    """The beta of the evaluation's JSD: eval_beta, else the training beta."""
+    return cfg.gkd.beta if cfg.gkd.eval_beta is None else cfg.gkd.eval_beta

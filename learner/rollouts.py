@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from learner.curve import lmbda_at
 from learner.data import Cursor, Example, PromptSampler
 from learner.errors import UserError
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
@@ -112,12 +113,14 @@ class Rollouts:
         rank: int = 0,
         world: int = 1,
         on_server_lost: Callable[[str], int] | None = None,
+        lmbda_schedule: str = "constant",
     ):
         self.client, self.examples, self.sampler = client, examples, sampler
         self.batch_size, self.lmbda, self.seq_kd, self.seed = batch_size, lmbda, seq_kd, seed
         self.sampling, self.max_inflight, self.max_staleness = sampling, max_inflight, max_staleness
         self.teacher_generate, self.timeout_s = teacher_generate, timeout_s
         self.rank, self.world = rank, world
+        self.lmbda_schedule = lmbda_schedule
         # Called when the server drops (learner.reconnect); returns the version it serves again.
         self.on_server_lost, self.reconnects = on_server_lost, 0
         self._resolving: MicroBatch | None = None  # the micro-batch whose reply we are waiting for
@@ -138,7 +141,8 @@ class Rollouts:
         index = self.next_local * self.world + self.rank
         self.next_local += 1
         examples = [self.examples[i] for i in mine]
-        if is_on_policy(self.seed, index, self.lmbda):
+        lmbda = lmbda_at(self.lmbda, self.lmbda_schedule, self.next_local - 1, self.total_local)
+        if is_on_policy(self.seed, index, lmbda):
             source = STUDENT
         elif self.seq_kd or any(e.completion_ids is None for e in examples):
             source = TEACHER

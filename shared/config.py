@@ -61,6 +61,7 @@ class DataConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_prompt_length: int | None = None
     overlong_prompts: Literal["truncate", "skip"] = "skip"
     eval_samples: int = 32
+    curve_samples: int = 16
 
 
 class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -91,6 +92,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     save_steps: int = 500
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = None
+    curve_steps: int | None = None
+    max_time_s: float | None = None
     push_to_hub: bool = False
     hub_model_id: str | None = None
     save_merged: bool = False
@@ -125,11 +128,13 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class GKDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lmbda: float = 0.5
+    lmbda_schedule: Literal["constant", "linear"] = "constant"
     beta: float = 0.5
     temperature: float = 0.9
     max_new_tokens: int = 128
     seq_kd: bool = False
     loss_temperature: float | None = 1.0
+    eval_beta: float | None = None
     teacher_topk: int = 20
     loss_type: Literal["jsd", "sampled_rkl", "nll", "dft"] = "jsd"
 
@@ -196,6 +201,7 @@ HELP: dict[str, str] = {
     "max_prompt_length": "Maximum prompt length (default: max_length - max_new_tokens).",
     "overlong_prompts": "What to do with prompts over max_prompt_length: skip or truncate (counted either way).",
     "eval_samples": "Held-out prompts used per evaluation.",
+    "curve_samples": "Eval prompts (the first N) of each curve_steps point.",
     "output_dir": "Where the adapter, checkpoints, metrics and config.json go.",
     "learning_rate": "Peak AdamW learning rate.",
     "per_device_train_batch_size": "Sequences per micro-batch.",
@@ -213,6 +219,8 @@ HELP: dict[str, str] = {
     "save_steps": "Write a resumable checkpoint every N optimizer steps.",
     "eval_strategy": "When to evaluate: no, steps (every eval_steps) or epoch.",
     "eval_steps": "Evaluate every N steps (default: logging_steps).",
+    "curve_steps": "Every N steps, and at the start and end, a cheap held-out point: JSD on the teacher text of the first curve_samples eval prompts, no sampling (curve/* in metrics.jsonl).",
+    "max_time_s": "Stop after the step that crosses this many seconds of training (a fixed wall-clock budget); the final evaluation and saves follow.",
     "push_to_hub": "Upload the adapter to the Hugging Face Hub at the end.",
     "hub_model_id": "Hub repo id for push_to_hub (default: output_dir name).",
     "save_merged": "Also write a merged full model to output_dir/merged.",
@@ -245,6 +253,8 @@ HELP: dict[str, str] = {
     "temperature": "Sampling temperature; also divides both logits in the loss.",
     "max_new_tokens": "Maximum tokens generated per completion.",
     "seq_kd": "Sequence-level KD: train on teacher-generated completions.",
+    "lmbda_schedule": "constant: every micro-batch is on-policy with probability lmbda; linear: the probability ramps from 0 at the first step to lmbda at the last (off-policy first, then on-policy).",
+    "eval_beta": "Beta of the evaluation's (and the curve's) JSD (default: the training beta); fix it to compare runs of different beta on one figure.",
     "loss_temperature": "Temperature dividing both logits in the loss (default 1.0, as TRL's GKDTrainer, whose loss ignores --temperature).",
     "teacher_topk": "Top-k entries per position a remote teacher (--teacher_url) sends; the loss then has k + 1 bins (the top-k and the rest).",
     "loss_type": "jsd: generalized JSD (full vocabulary, or top-k + tail with --teacher_url); sampled_rkl: sampled-token reverse KL (needs lmbda 1); TRL's SFT values nll and dft, which GKDTrainer's loss ignores, mean jsd.",
@@ -286,11 +296,12 @@ def validate(cfg: Config) -> list[str]:
     need(0.0 <= g.beta <= 1.0, "beta", g.beta, "in [0, 1]")
     need(g.temperature > 0, "temperature", g.temperature, "> 0")
     need(g.loss_temperature is None or g.loss_temperature > 0, "loss_temperature", g.loss_temperature, "> 0")
+    need(g.eval_beta is None or 0.0 <= g.eval_beta <= 1.0, "eval_beta", g.eval_beta, "in [0, 1]")
     need(g.max_new_tokens > 0, "max_new_tokens", g.max_new_tokens, "a positive integer")
     # Counts that must be positive (or None where the setting is optional).
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
         need(getattr(t, name) > 0, name, getattr(t, name), "a positive integer")
-    for name in ("eval_steps", "loss_chunk_size", "torch_num_threads"):
+    for name in ("eval_steps", "curve_steps", "loss_chunk_size", "torch_num_threads"):
         v = getattr(t, name)
         need(v is None or v > 0, name, v, "a positive integer")
     need(
@@ -302,6 +313,7 @@ def validate(cfg: Config) -> list[str]:
     need(t.num_train_epochs > 0, "num_train_epochs", t.num_train_epochs, "> 0")
     need(t.learning_rate > 0, "learning_rate", t.learning_rate, "> 0")
     need(0.0 <= t.warmup_ratio < 1.0, "warmup_ratio", t.warmup_ratio, "in [0, 1)")
+    need(t.max_time_s is None or t.max_time_s > 0, "max_time_s", t.max_time_s, "> 0")
     need(lo.lora_r > 0, "lora_r", lo.lora_r, "a positive integer")
     need(lo.lora_alpha > 0, "lora_alpha", lo.lora_alpha, "a positive integer")
     need(0.0 <= lo.lora_dropout < 1.0, "lora_dropout", lo.lora_dropout, "in [0, 1)")
@@ -313,6 +325,7 @@ def validate(cfg: Config) -> list[str]:
         "in (0, max_length)",
     )
     need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
+    need(d.curve_samples > 0, "curve_samples", d.curve_samples, "a positive integer")
     need(
         t.save_total_limit is None or t.save_total_limit > 0,
         "save_total_limit",
