@@ -169,8 +169,10 @@ class GKDRecipe:
             log.warning(
                 "dropout is on (--disable_dropout false): the policy-mismatch check after pushes is off"
             )
+        # Under --bf16 / --fp16 the forward (and so the learner's logprobs) runs in that dtype.
+        compute = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else self.dtype
         self.mismatch = MismatchMonitor(
-            self.dtype, status.dtype, tf32=self.m.device.type == "cuda", hard_check=not dropout
+            compute, status.dtype, tf32=self.m.device.type == "cuda", hard_check=not dropout
         )
         self.canary = canary_ids(self.m.tokenizer)
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * self.dist.world_size

@@ -79,6 +79,21 @@ def read_pristine(model_dir: str, dtype: torch.dtype, device: torch.device) -> d
     return out
 
 
+def read_tensors(
+    model_dir: str, names: set[str], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """These tensors of the model's own checkpoint, as `dtype` on `device` (HF names)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in _files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name in names:
+                    out[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    return out
+
+
 class AdapterCheck:
     """All validation of a pushed adapter, against the base model's checkpoint shapes."""
 

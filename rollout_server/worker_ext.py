@@ -7,7 +7,8 @@ runs them on its own device:
   safetensors, onto the worker's device (in `--pristine_dtype`, fp32 by default);
 - `gkd_apply` takes a pushed adapter as safetensors bytes (tensors sent through `collective_rpc`
   would arrive as lists) and reloads W0 + s * B @ A, computed in fp32 from the pristine copy and
-  cast to the serving dtype, into the running model. A "full" push replaces pristine tensors.
+  cast to the serving dtype, into the running model. A "full" push serves its whole tensors as
+  they are; the next LoRA push serves base + adapter again (the base values come back).
 
 The reload goes through the worker's `reload_weights`, which wraps `model.load_weights` in vLLM's
 layerwise reload helpers: a bare `load_weights` fails on CPU, where linear weights live in packed
@@ -35,6 +36,7 @@ class WorkerExt:
         from rollout_server.weights import read_pristine
 
         self._gkd_dirty: set[str] = set()  # weights the engine holds merged (not pristine) right now
+        self._gkd_full: set[str] = set()  # weights a full push replaced since the last LoRA push
         model = self.model_runner.model
         packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
         # sub-module name -> all parts of the fused vLLM layer it belongs to (q_proj -> q, k, v).
@@ -53,22 +55,28 @@ class WorkerExt:
         how many tensors were reloaded. An empty lora push restores the pristine weights."""
         from safetensors.torch import load
 
+        from rollout_server.weights import read_tensors
         from shared.adapters import lora_pairs, merge_lora
 
         tensors = load(data) if data else {}
         pristine: dict[str, torch.Tensor] = self._gkd_pristine
         new: dict[str, torch.Tensor] = {}
         if kind == "full":
-            for name, t in tensors.items():
-                t = t.to(self.device)
-                if name in pristine:  # later pushes start from these values
-                    pristine[name] = t.to(pristine[name].dtype)
-                new[name] = t.to(self._gkd_serving)
+            new = {name: t.to(device=self.device, dtype=self._gkd_serving) for name, t in tensors.items()}
+            self._gkd_full |= set(new)
             touched: set[str] = set()
         else:
             pairs = {w: (a.to(self.device), b.to(self.device)) for w, (a, b) in lora_pairs(tensors).items()}
             new = merge_lora(pristine, pairs, scale, self._gkd_serving)
             touched = set(pairs)
+            # A LoRA (or empty) push serves base + adapter: whatever an earlier full push replaced goes
+            # back to the base checkpoint's values (from the pristine copy, or read from disk).
+            back = self._gkd_full - set(new)
+            new |= {n: pristine[n].to(self._gkd_serving) for n in back if n in pristine}
+            new |= read_tensors(
+                self.vllm_config.model_config.model, back - set(new), self._gkd_serving, self.device
+            )
+            self._gkd_full = set()
         out = self._gkd_with_siblings(new)
         self.reload_weights(weights_iterator=list(out.items()), is_checkpoint_format=True)
         if any(name.endswith("embed_tokens.weight") for name in out):

@@ -75,6 +75,15 @@ def test_full_push_replaces_whole_tensors(rollout_server, make_adapter, tiny_mod
     expect = hf_greedy(model, PROMPTS, 16)
     for comp, e_ids in zip(got.completions, expect, strict=True):
         assert comp.token_ids == e_ids[: len(comp.token_ids)]
+    # A LoRA push after a full one serves base + adapter: the layernorm the full push changed (no
+    # LoRA touches it) is back at its base value.
+    lora = make_adapter(r=8, seed=6, targets=("q_proj", "v_proj"))
+    with rollout_server.client() as c:
+        assert c.push_adapter(lora.push(2)).version == 2
+        after = c.generate(req)
+    expect = hf_greedy(lora.merged, PROMPTS, 16)
+    for comp, e_ids in zip(after.completions, expect, strict=True):
+        assert comp.token_ids == e_ids[: len(comp.token_ids)]
 
 
 @pytest.mark.slow
