@@ -302,7 +302,7 @@ def test_worker_reload_sends_whole_fused_layers_and_restores_untouched_weights(t
     assert torch.equal(w.loaded[-1][q], pristine[q])
 
 
-def test_worker_full_push_replaces_pristine_tensors(tiny_models, make_adapter):
+def test_worker_full_push_then_lora_push_serves_base_plus_adapter(tiny_models, make_adapter):
     import torch
 
     from shared.adapters import pack, scale_of
@@ -316,11 +316,16 @@ def test_worker_full_push_replaces_pristine_tensors(tiny_models, make_adapter):
     got = w.loaded[-1]
     assert torch.equal(got[up], new_up) and torch.equal(got[norm], new_norm)
     assert "model.layers.1.mlp.gate_proj.weight" in got  # the fused gate_up layer, whole
-    # A later LoRA push merges into the new values, not the checkpoint's.
+    # A later LoRA push (another learner's, say) serves base + adapter: the merge starts from the
+    # checkpoint's values, and the norm no LoRA touches comes back from the checkpoint on disk.
     a = make_adapter(r=4, seed=0, targets=("up_proj",))
+    base = _stub_worker(tiny_models.student)
+    base.gkd_apply("lora", a.data, scale_of(a.lora))
     w.gkd_apply("lora", a.data, scale_of(a.lora))
-    assert torch.equal(w._gkd_pristine[up], new_up)
-    assert not torch.equal(w.loaded[-1][up], new_up)
+    assert not torch.equal(w._gkd_pristine[up], new_up)
+    assert torch.equal(w.loaded[-1][up], base.loaded[-1][up])
+    assert norm in w.loaded[-1] and not torch.equal(w.loaded[-1][norm], new_norm)
+    assert torch.equal(w.loaded[-1][norm], torch.ones(128))  # the tiny checkpoint's norm weights are 1
 
 
 def test_service_min_version_timeout_token_and_shutdown(local_service):
