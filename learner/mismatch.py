@@ -184,8 +184,8 @@ class MismatchMonitor:
     """The learner's running view: per-step sums for the metrics, and the check after each push.
 
     `pushed(v)` arms the check for version v; the first on-policy batch that the server labelled v
-    and that the learner trains while still at v (so both sides hold exactly the pushed weights)
-    is checked against `bound`, then the check disarms until the next push. With `hard_check`
+    and that the learner trains while still at v, before any optimizer step since the push (so
+    both sides hold exactly the pushed weights), is checked against `bound`, then the check disarms until the next push. With `hard_check`
     False (a student whose dropout is active: its training-mode logprobs are noisy on purpose) the
     figures are still kept but nothing is checked.
     """
@@ -200,6 +200,12 @@ class MismatchMonitor:
 
     def pushed(self, version: int) -> None:
         self.pending = version if self.hard_check else None
+
+    def stepped(self) -> None:
+        """An optimizer step changed the learner's weights: with sync_steps > 1 the version stays the
+        same until the next push, so from here on a batch of that version no longer shows the pushed
+        weights on both sides; the check disarms until the next push."""
+        self.pending = None
 
     def observe(self, stats: MismatchStats, server_version: int, learner_version: int) -> str:
         """Count `stats` (one on-policy batch); return the after-push problem line, or ""."""

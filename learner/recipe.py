@@ -508,6 +508,7 @@ class GKDRecipe:
                 ahead = self._next_scored()
         loss = scale_to_step_tokens(self.params, loss_sum, tokens, self.dist)
         grad_norm = update(cfg, self.params, self.optimizer, self.scheduler, self.dist)
+        self.mismatch.stepped()
         return loss, tokens, grad_norm
 
     def _next_scored(self):

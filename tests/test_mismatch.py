@@ -112,8 +112,12 @@ def test_monitor_checks_only_the_first_batch_at_a_just_pushed_version():
     assert mon.pending is None
     mon.pushed(4)
     assert mon.observe(bad, server_version=4, learner_version=5) == ""  # trained since: not comparable
+    # sync_steps > 1: an optimizer step without a push keeps the version but changes the weights.
+    mon.pushed(6)
+    mon.stepped()
+    assert mon.observe(bad, server_version=6, learner_version=6) == ""
     figures = mon.take()
-    assert figures["mismatch/tokens"] == 60
+    assert figures["mismatch/tokens"] == 70
     assert mon.take() == {}
 
 
