@@ -12,8 +12,11 @@ read-only token, an unreachable hub or a namespace the token cannot write to is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +162,17 @@ def push_to_hub(cfg: Config, out: Path, repo: str | None = None) -> None:
             f"push_to_hub to {repo!r} failed ({first}); everything is saved locally in {out}"
         ) from None
     log.info("pushed %s to the hub as %s", out, repo)
+
+
+@contextlib.contextmanager
+def disk_errors_as_oserror(path: Path):
+    """safetensors reports a full disk as its own SafetensorError ("... (os error 28)"); re-raise it
+    as the OSError it is, so the process edge gives its one line (free space, --resume latest)."""
+    try:
+        yield
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if type(e).__name__ != "SafetensorError" or code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n), str(path)) from None

@@ -775,25 +775,29 @@ class GKDRecipe:
                     log.info("save_total_limit=%d: removed %s", limit, old)
         dist.barrier(self.dist)
 
+    def _save_outputs(self) -> None:
+        m, t = self.m, self.cfg.train
+        outputs.save_adapter(m.student, m.tokenizer, self.out)
+        outputs.write_model_card(
+            self.cfg,
+            self.out,
+            {k: v for k, v in self.last.items() if k.startswith("eval/") or k == "loss"},
+        )
+        if t.save_merged:
+            path = outputs.save_merged(m.student, m.tokenizer, self.out)
+            log.info("merged model: %s", path)
+        log.info("adapter, model card and metrics are in %s", self.out)
+        if t.push_to_hub:
+            outputs.push_to_hub(self.cfg, self.out, self.hub_repo)
+
     def finish(self) -> dict[str, Any]:
         """Final evaluation, then the adapter, merged model, model card and (optionally) the hub upload."""
         self.curve_if_due(final=True)
         if self.eval_on:
             self.evaluate()
         if self.dist.is_main:
-            m, t = self.m, self.cfg.train
-            outputs.save_adapter(m.student, m.tokenizer, self.out)
-            outputs.write_model_card(
-                self.cfg,
-                self.out,
-                {k: v for k, v in self.last.items() if k.startswith("eval/") or k == "loss"},
-            )
-            if t.save_merged:
-                path = outputs.save_merged(m.student, m.tokenizer, self.out)
-                log.info("merged model: %s", path)
-            log.info("adapter, model card and metrics are in %s", self.out)
-            if t.push_to_hub:
-                outputs.push_to_hub(self.cfg, self.out, self.hub_repo)
+            with outputs.disk_errors_as_oserror(self.out):
+                self._save_outputs()
         dist.barrier(self.dist)
         digest = adapter_digest(self.params)
         log.info(

@@ -372,9 +372,10 @@ def test_save_fails_cleanly_and_keeps_the_previous_checkpoint(fault, cut_off_run
     out, preexec, mechanism, mounted = tmp_path / "run", None, "", False
     if fault == "disk_full":
         used = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-        mounted = _mount_tmpfs(
-            tmp_path / "small", used + 200 * 1024
-        )  # room for logs, not for a checkpoint (~470 KB)
+        one = sum(p.stat().st_size for p in checkpoint.find_latest(src).rglob("*") if p.is_file())
+        # Room for the copy and its logs, not for one more checkpoint (its size depends on the
+        # LoRA targets, so it is measured, not assumed).
+        mounted = _mount_tmpfs(tmp_path / "small", used + one // 2)
         if mounted:
             out, mechanism = tmp_path / "small" / "run", "tmpfs full (ENOSPC)"
         else:  # no mount rights: a file-size limit on the learner process (EFBIG), real OS behaviour too
