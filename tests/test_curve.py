@@ -190,7 +190,7 @@ def test_max_time_s_stops_early_with_a_final_curve_point_and_evaluation(tiny_mod
     data = write_dataset(tmp_path / "small.jsonl", n=16, seed=4)
     out = tmp_path / "run"
     argv = _argv(tiny_models, data, out, server.url, "--max_steps", "1000", "--max_time_s", "4")
-    argv += ["--curve_steps", "500", "--curve_samples", "4", "--eval_samples", "4"]
+    argv += ["--curve_steps", "500", "--curve_samples", "4", "--eval_samples", "4", "--eval_on_start"]
     argv += ["--eval_strategy", "steps", "--eval_steps", "1000"]
     run(parse_args(argv)[0])
     rows = read(out)
