@@ -180,5 +180,7 @@ def test_server_starts_on_a_short_context_model_and_answers_while_starting(tmp_p
             assert ok.completions[0].token_ids
     finally:
         srv.stop()
-    log = srv.log()
+    # Up to the stop: stopping kills the whole process group, and when the engine core dies first
+    # vLLM's output handler logs an EngineDeadError traceback (timing-dependent, shutdown only).
+    log = srv.log().split("gkd-rollout-server: stopping")[0]
     assert "Traceback" not in log and "BrokenPipe" not in log, log[-3000:]
