@@ -175,7 +175,8 @@ def run_recipe(name: str, prep, split: str, budget_s: float, work: Path, extra: 
     out = work / split / name
     out.mkdir(parents=True, exist_ok=True)
     flags = RECIPES[name][1] + ["--dataset_test_split", split, "--max_time_s", str(budget_s)]
-    flags += ["--eval_beta", str(EVAL_BETA)] + extra
+    # the "before" row: the sweep's gap-closed figure is measured against the step-0 evaluation
+    flags += ["--eval_beta", str(EVAL_BETA), "--eval_on_start", "true"] + extra
     t0 = time.perf_counter()
     watched = train_stage(out, prep, prep.config, out / "learner", flags, out / "logs")
     wall = time.perf_counter() - t0

@@ -281,19 +281,20 @@ def hf_student(tiny_models: TinyModels):
 
 # ---------------------------------------------------------------- fault injection (test_faults.py, test_bad_input.py)
 
-# A TCP relay run as its own process (`python -c RELAY_SRC LISTEN_PORT TARGET_PORT CORRUPT_MIN_BYTES`):
+# A TCP relay run as its own process (`python -c RELAY_SRC LISTEN_PORT TARGET_PORT CORRUPT_TAG`):
 # the learner talks to it as if it were the server. Killing it with SIGKILL is, from the learner's
-# side, a server that died and never returns. With CORRUPT_MIN_BYTES > 0 it flips one byte in the
-# middle of the first ZeroMQ message frame at least that long (learner -> server): corruption in
-# transit, which the adapter's sha256 must catch. It parses ZMTP 3 framing (64-byte greeting, then
-# frames of flags + 1- or 8-byte length + body) and forwards everything else untouched.
+# side, a server that died and never returns. With a CORRUPT_TAG it flips one byte in the middle of
+# the first ZeroMQ message frame (learner -> server) that contains those bytes, e.g. the msgpack tag
+# "push_adapter": corruption in transit, which the adapter's sha256 must catch. Matching the tag, not
+# a size, keeps it on the push whatever the adapter's size. It parses ZMTP 3 framing (64-byte
+# greeting, then frames of flags + 1- or 8-byte length + body) and forwards everything else untouched.
 RELAY_SRC = r"""
 import socket, sys, threading
-listen, target, corrupt_min = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+listen, target, corrupt_tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
 
 class Corrupter:
     def __init__(self):
-        self.buf, self.greeting_left, self.done = bytearray(), 64, corrupt_min <= 0
+        self.buf, self.greeting_left, self.done = bytearray(), 64, not corrupt_tag
 
     def feed(self, data):
         if self.done:
@@ -317,7 +318,7 @@ class Corrupter:
             if len(self.buf) < head + size:
                 break
             frame = self.buf[:head + size]; del self.buf[:head + size]
-            if not flags & 0x04 and size >= corrupt_min:
+            if not flags & 0x04 and corrupt_tag in frame[head:]:
                 frame[head + size // 2] ^= 0xFF
                 self.done = True
                 print("relay: corrupted a frame of", size, "bytes", flush=True)
@@ -376,10 +377,10 @@ class Relay:
         return self.proc.stdout.read() if self.proc.poll() is not None else ""
 
 
-def start_relay(target_port: int, *, corrupt_min_bytes: int = 0) -> Relay:
+def start_relay(target_port: int, *, corrupt_tag: str = "") -> Relay:
     port = procs.free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", RELAY_SRC, str(port), str(target_port), str(corrupt_min_bytes)],
+        [sys.executable, "-c", RELAY_SRC, str(port), str(target_port), corrupt_tag],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -392,7 +393,7 @@ def start_relay(target_port: int, *, corrupt_min_bytes: int = 0) -> Relay:
 
 @pytest.fixture
 def relay():
-    """relay(target_port, corrupt_min_bytes=0) -> Relay; every relay started is killed at teardown."""
+    """relay(target_port, corrupt_tag="") -> Relay; every relay started is killed at teardown."""
     started: list[Relay] = []
 
     def make(target_port: int, **kw: Any) -> Relay:

@@ -152,9 +152,7 @@ def _free_port_url(c: Ctx, out: Path) -> list[str]:
 
 
 def _through_corrupting_relay(c: Ctx, out: Path) -> list[str]:
-    relay = start_relay(
-        c.get_server().port, corrupt_min_bytes=64 * 1024
-    )  # the adapter push is the first message that big
+    relay = start_relay(c.get_server().port, corrupt_tag="push_adapter")  # the first push
     _RELAYS.append(relay)
     return learner()(c, out) + ["--rollout_url", relay.url]
 
@@ -315,13 +313,18 @@ def test_bad_input(case: Case, ctx: Ctx, tmp_path):
     if not case.ok:  # a failing run is pointed at an earlier run's output, which must not change
         shutil.copytree(ctx.prior, out)
     before = tree(out)
+    relays_said = []
     try:
         r = subprocess.run(
             case.argv(ctx, out), cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=300
         )
     finally:
         while _RELAYS:
-            _RELAYS.pop().kill()
+            relay = _RELAYS.pop()
+            relay.kill()
+            relays_said.append(relay.output())
+    # the only relays here corrupt: the failure below must come from a byte they flipped
+    assert all("relay: corrupted a frame" in said for said in relays_said), relays_said
     if case.ok:
         assert r.returncode == 0, r.stderr[-3000:]
         assert all(w in r.stderr for w in case.says), r.stderr[-3000:]

@@ -1,8 +1,9 @@
 """The learner end to end against a real rollout server over ZeroMQ (tiny models, few steps).
 
-All tests here share one server (started once with max_lora_rank 64, so the seed's r=64 fits) and
-reuse it at whatever policy version the previous test left: the learner's first push is always the
-server's version + 1. The last test stops it to serve the merged output as a base model.
+All tests here share one pool server (max_lora_rank 64, so the seed's r=64 fits) and reuse it at
+whatever policy version the previous test left: the learner's first push is always the server's
+version + 1, so each test reads the version before and after its own run. The merged-output test
+stops it to serve the merged model; the next test that asks the pool gets a fresh one.
 """
 
 from __future__ import annotations
@@ -138,17 +139,19 @@ def full_run(tiny_models, tiny_dataset, tmp_path_factory, server_pool):
         "2",
         "--save_merged",
     )
-    return out, cfg, run(cfg), v0
+    result = run(cfg)
+    # read now: the pool server is shared, and a later test may push to it or restart it
+    return out, cfg, result, v0, _server_version(server)
 
 
-def test_full_run_lmbda_half(tiny_models, full_run, server):
-    out, cfg, result, v0 = full_run
+def test_full_run_lmbda_half(tiny_models, full_run):
+    out, cfg, result, v0, v_end = full_run
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     # one push before the first rollout, then one per step (sync_steps 1), each canary-checked
     assert [r["policy_version"] for r in rows] == [v0 + 2, v0 + 3, v0 + 4, v0 + 5]
-    assert _server_version(server) == v0 + 5 == result["policy_version"]
+    assert v_end == v0 + 5 == result["policy_version"]
     assert all(r["canary_max_abs"] <= 1e-3 for r in rows)
     # the on/off-policy split is exactly the seeded draws; on-policy rollouts were fresh enough
     draws = [is_on_policy(cfg.train.seed, i, 0.5) for i in range(8)]
@@ -488,7 +491,7 @@ def test_two_learner_processes_over_gloo(tiny_models, tiny_dataset, tmp_path, se
 
 
 def test_merged_output_serves_as_the_rollout_server_base_model(full_run, tmp_path, server_pool):
-    """Last on purpose: it stops the shared server (one engine at a time) to serve the merged model."""
+    """It stops the shared server (one engine at a time) to serve the merged model; the pool restarts it."""
     from conftest import hf_logprobs, start_server
     from transformers import AutoModelForCausalLM
 
