@@ -54,14 +54,27 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "loss temperature 1 (TRL's) instead of the sampling temperature",
         ["--loss_temperature", "1.0"],
     ),
-    "full-ft": ("full fine-tuning instead of LoRA", ["--use_peft", "false"]),
+    # full fine-tuning moves every weight: at the LoRA learning rate (1e-3) it diverges, so it gets
+    # a full-fine-tuning one
+    "full-ft": (
+        "full fine-tuning instead of LoRA (learning rate 1e-4)",
+        ["--use_peft", "false", "--learning_rate", "1.0e-4"],
+    ),
+    "sampled-rkl": (
+        "sampled-token reverse KL on the student's own samples only (lmbda 1)",
+        ["--loss_type", "sampled_rkl", "--lmbda", "1.0"],
+    ),
+    "lr2e-3": ("the default at twice the learning rate (2e-3)", ["--learning_rate", "2.0e-3"]),
+}
+# In the issue's grid but not swept here, and why (the table lists them).
+NOT_SWEPT = {
+    "topk-tail": "top-k + tail JSD needs a teacher server (--teacher_url): a third engine beside the rollout "
+    "server and the learner on the same 2 cores, which the demo's budget does not hold; its maths and "
+    "agreement with the full-vocabulary JSD are tested in tests/test_loss_sparse.py and tests/test_remote_teacher.py"
 }
 # Every recipe is scored with the JSD at this beta (the demo's figure), whatever beta it trains with:
 # the JSD at beta 0 is the forward KL, at 0.9 another divergence, and their "gaps" do not compare.
 EVAL_BETA = 0.5
-GUARDED = {
-    "full-ft": "full fine-tuning is not available in this learner (--use_peft false still trains LoRA)"
-}
 
 TINY_CONFIG = {
     "torch_dtype": "float32",
@@ -93,16 +106,6 @@ TINY_CONFIG = {
     "max_inflight": 2,
     "torch_num_threads": 1,
 }
-
-
-def unavailable(name: str) -> str | None:
-    """Why a recipe cannot run in this checkout (None: it can)."""
-    if name == "full-ft":
-        from shared.config import HELP
-
-        if "LoRA defaults are still used" in HELP.get("use_peft", ""):
-            return GUARDED[name]
-    return None
 
 
 # ---------------------------------------------------------------- data: train / validation / held-out
@@ -349,17 +352,12 @@ def main(argv: list[str] | None = None) -> None:
             "config": str(prep.config),
         },
         "sweep": [],
-        "skipped": {},
+        "skipped": {} if args.final or args.tiny else dict(NOT_SWEPT),
         "final": None,
     }
     # The held-out split only for --final; the sweep never reads it.
     split = "heldout" if args.final else "validation"
     for name in names:
-        why = unavailable(name)
-        if why:
-            print(f"bench.recipes: skipping {name}: {why}", flush=True)
-            result["skipped"][name] = why
-            continue
         print(f"bench.recipes: {name} on {split} ({args.budget_s:g} s)", flush=True)
         r = run_recipe(name, prep, split, args.budget_s, work, args.learner_args)
         result["final" if args.final else "sweep"] = r if args.final else result["sweep"] + [r]

@@ -589,14 +589,23 @@ def nest(flat_or_nested: dict[str, Any]) -> dict[str, Any]:
     errs = []
     for key, val in flat_or_nested.items():
         if key in SECTIONS and isinstance(val, dict):
-            out.setdefault(key, {}).update(val)
+            out.setdefault(key, {}).update(
+                {k: _as_list_if_list_field(idx[k][1], v) if k in idx else v for k, v in val.items()}
+            )
         elif key in idx:
-            out.setdefault(idx[key][0], {})[key] = val
+            out.setdefault(idx[key][0], {})[key] = _as_list_if_list_field(idx[key][1], val)
         else:
             errs.append(f"{key}: unknown setting (see --help for the list)")
     if errs:
         raise ConfigError(errs)
     return out
+
+
+def _as_list_if_list_field(typ: Any, val: Any) -> Any:
+    """A bare string for a list setting is its one item (`lora_target_modules: all-linear`), as the
+    flag `--lora_target_modules all-linear` is; TRL's YAML configs write it that way."""
+    is_list = any(get_origin(t) is list for t in (typ, *get_args(typ)))
+    return [val] if is_list and isinstance(val, str) else val
 
 
 def to_config(nested: dict[str, Any]) -> Config:

@@ -406,11 +406,14 @@ def relay():
 
 
 def learner_argv(models: TinyModels, dataset: Path, out: Path, url: str, *extra: str) -> list[str]:
-    """`python -m learner` on the tiny models: small batches, short completions, every step logged."""
+    """`python -m learner` with learner_flags."""
+    return [sys.executable, "-m", "learner", *learner_flags(models, dataset, out, url, *extra)]
+
+
+def learner_flags(models: TinyModels, dataset: Path, out: Path, url: str, *extra: str) -> list[str]:
+    """The learner's flags on the tiny models: small batches, short completions, every step logged.
+    Later flags override earlier ones (argparse), so `extra` can change any of these."""
     return [
-        sys.executable,
-        "-m",
-        "learner",
         "--model_name_or_path",
         str(models.student),
         "--teacher_model_name_or_path",

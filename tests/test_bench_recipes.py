@@ -43,12 +43,15 @@ def test_benchmarks_section_is_replaced_not_duplicated(tmp_path):
     assert "final table" in text
 
 
-def test_grid_covers_the_issue_and_guards_full_fine_tuning():
+def test_grid_covers_the_issue():
     flags = {n: " ".join(f) for n, (_, f) in recipes.RECIPES.items()}
     assert {"--beta 0.0", "--beta 0.9"} <= set(flags.values()) and flags["default"] == ""
     assert "--lmbda_schedule linear" in flags["lmbda-linear"] and "--loss_temperature 1.0" in flags["loss-t1"]
-    assert flags["full-ft"] == "--use_peft false"
-    assert all(recipes.unavailable(n) is None for n in recipes.RECIPES if n != "full-ft")
+    assert flags["full-ft"].startswith("--use_peft false")
+    assert (
+        flags["sampled-rkl"] == "--loss_type sampled_rkl --lmbda 1.0"
+    )  # the config refuses it below lmbda 1
+    assert set(recipes.NOT_SWEPT) == {"topk-tail"} and not set(recipes.NOT_SWEPT) & set(recipes.RECIPES)
 
 
 @pytest.mark.slow

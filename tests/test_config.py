@@ -228,6 +228,33 @@ def test_config_file_and_flags_override_it(tmp_path, suffix):
     assert cfg.gkd.beta == 0.9  # the flag wins over the file
 
 
+@pytest.mark.parametrize(
+    "text, suffix",
+    [
+        ("lora_target_modules: all-linear\n", "yaml"),
+        ("lora:\n  lora_target_modules: all-linear\n", "yaml"),
+        ('[lora]\nlora_target_modules = "all-linear"\n', "toml"),
+    ],
+)
+def test_a_bare_string_for_a_list_setting_is_its_one_item(tmp_path, text, suffix):
+    """As TRL's YAML configs write it, and as the flag `--lora_target_modules all-linear` reads."""
+    path = tmp_path / f"run.{suffix}"
+    path.write_text(text)
+    need = ["--model_name_or_path", "a/b", "--teacher_model_name_or_path", "c/d", "--dataset_name", "e/f"]
+    from_file = parse_args(["--config", str(path), *need])[0].lora.lora_target_modules
+    assert from_file == parse_args([*need, "--lora_target_modules", "all-linear"])[0].lora.lora_target_modules
+    assert from_file == ["all-linear"]
+
+
+def test_the_demo_config_is_a_valid_learner_config():
+    """demo/demo.yaml is read by `make demo` and bench.recipes; a key the config refuses breaks both."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "demo.yaml"
+    cfg = parse_args(["--config", str(demo)])[0]
+    assert cfg.lora.use_peft and cfg.lora.lora_target_modules == ["all-linear"]
+
+
 BAD = [
     (["--lmbda", "1.5"], "lmbda", "[0, 1]"),
     (["--lmbda", "-0.1"], "lmbda", "[0, 1]"),

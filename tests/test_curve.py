@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import learner_flags
 
 from demo import report
 from learner.curve import curve_due, lmbda_at
@@ -122,39 +123,18 @@ def server(server_pool):
 
 
 def _argv(tiny_models, data, out, url, *extra):
-    return [
-        "--model_name_or_path",
-        str(tiny_models.student),
-        "--teacher_model_name_or_path",
-        str(tiny_models.teacher),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--rollout_url",
-        url,
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--max_new_tokens",
-        "16",
-        "--max_length",
-        "128",
-        "--logging_steps",
-        "1",
-        "--lora_r",
-        "16",
-        "--lora_alpha",
-        "32",
-        "--request_timeout_s",
-        "120",
+    # full fine-tuning (TRL's default) at TRL's learning rate, unless a test says otherwise
+    flags = [
+        "--use_peft",
+        "false",
+        "--learning_rate",
+        "2e-5",
         "--torch_num_threads",
         "1",
         "--save_steps",
         "1000",
-        *extra,
     ]
+    return learner_flags(tiny_models, data, out, url, *flags, *extra)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import learner_flags
 
 from learner import checkpoint
 from learner.metrics import read
@@ -36,43 +37,10 @@ def server(server_pool):
 
 
 def _cfg(tiny_models, data, out, url, *extra):
-    argv = [
-        "--model_name_or_path",
-        str(tiny_models.student),
-        "--teacher_model_name_or_path",
-        str(tiny_models.teacher),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--rollout_url",
-        url,
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--max_new_tokens",
-        "16",
-        "--max_length",
-        "128",
-        "--logging_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--use_peft",
-        "--lora_r",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--request_timeout_s",
-        "120",
-        "--reconnect_deadline_s",
-        "30",
-        "--torch_num_threads",
-        "1",
-        *extra,
-    ]
-    return parse_args(argv)[0]
+    argv = learner_flags(
+        tiny_models, data, out, url, "--reconnect_deadline_s", "30", "--torch_num_threads", "1"
+    )
+    return parse_args(argv + list(extra))[0]
 
 
 def _train_rows(out):
