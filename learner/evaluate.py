@@ -153,15 +153,18 @@ def evaluate(
     *,
     student_completions: list[list[int]],
     teacher_completions: list[list[int]],
+    text_teacher: Any = None,
     **kw: Any,
 ) -> dict[str, float]:
     """All evaluation figures, as a flat {name: value} dict (see the module docstring).
 
-    `kw` are `divergences`' keywords (beta, vocab, pad_id, max_length, batch_size, device,
-    teacher_device), used for both sets of completions.
+    `text_teacher` scores the teacher-written completions (default: `teacher`; a
+    learner.teacher.MemoTeacher scores that fixed text once for all evaluations). `kw` are
+    `divergences`' keywords (beta, vocab, pad_id, max_length, batch_size, device, teacher_device),
+    used for both sets of completions.
     """
     on_student = divergences(student, teacher, prompts, student_completions, **kw)
-    on_teacher = divergences(student, teacher, prompts, teacher_completions, **kw)
+    on_teacher = divergences(student, text_teacher or teacher, prompts, teacher_completions, **kw)
     sfx = getattr(teacher, "metric_suffix", "")  # "_top20_tail" against a teacher server's top-20
 
     def name(k: str) -> str:

@@ -52,7 +52,7 @@ from learner.sync import (
     push_adapter,
     wait_for_server,
 )
-from learner.teacher import LocalTeacher, open_remote
+from learner.teacher import LocalTeacher, MemoTeacher, open_remote
 from shared.config import Config, rollout_url, write_resolved
 from shared.messages import GenerateRequest, Prompt, SamplingSpec
 from shared.transport.base import ServerUnavailable
@@ -163,6 +163,7 @@ class GKDRecipe:
             )
         else:
             self.teacher.vocab = self.m.vocab_size
+        self.text_teacher = MemoTeacher(self.teacher)  # its fixed text, scored once for every evaluation
         self.dtype = next(self.m.student.parameters()).dtype
         dropout = any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in self.m.student.modules())
         if dropout:
@@ -655,6 +656,7 @@ class GKDRecipe:
             prompts,
             student_completions=student_c,
             teacher_completions=teacher_c,
+            text_teacher=self.text_teacher,
             beta=_eval_beta(cfg),
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
@@ -695,14 +697,14 @@ class GKDRecipe:
         n = cfg.data.curve_samples
         figures = curve_point(
             m.student,
-            self.teacher,
+            self.text_teacher,  # batched as the evaluation: the teacher's side is memoized
             [e.prompt_ids for e in self.data.eval[:n]],
             self._teacher_texts()[:n],
             beta=_eval_beta(cfg),
             vocab=m.vocab_size,
             pad_id=m.tokenizer.pad_token_id,
             max_length=cfg.data.max_length,
-            batch_size=cfg.train.per_device_train_batch_size,
+            batch_size=cfg.train.per_device_eval_batch_size,
             device=m.device,
         )
         row = {

@@ -77,6 +77,42 @@ class LocalTeacher:
         pass
 
 
+# What MemoTeacher may keep: the demo's 40 evaluation prompts x <= 64 teacher tokens x a 49152-token
+# vocabulary in fp32 are ~0.5 GB of logits; a larger evaluation set just stops being memoized.
+MEMO_BYTES = 1 << 30
+
+
+class MemoTeacher:
+    """A teacher whose targets on fixed text are computed once: the teacher and its own written text
+    do not change during training, so every evaluation and curve point would repeat the same forward.
+
+    Keyed by the exact batch (prompts, completions, max_length): the evaluation and the curve batch
+    the same prompts the same way, so a hit returns exactly what the teacher computed. Entries are
+    kept until `max_bytes` of targets are held; past that, batches are scored as usual.
+    """
+
+    def __init__(self, teacher: Any, max_bytes: int = MEMO_BYTES):
+        self.teacher, self.max_bytes, self.held_bytes = teacher, max_bytes, 0
+        self.remote, self.metric_suffix = teacher.remote, teacher.metric_suffix
+        self._memo: dict[tuple, TeacherTargets] = {}
+
+    def submit(self, prompts: list[list[int]], completions: list[list[int]], max_length: int) -> Any:
+        key = (tuple(map(tuple, prompts)), tuple(map(tuple, completions)), max_length)
+        if key in self._memo:
+            return key, None
+        return key, self.teacher.submit(prompts, completions, max_length)
+
+    def collect(self, pending: Any, batch: Batch) -> TeacherTargets:
+        key, inner = pending
+        if key in self._memo:
+            return self._memo[key]
+        targets = self.teacher.collect(inner, batch)
+        size = sum(t.numel() * t.element_size() for t in vars(targets).values() if t is not None)
+        if self.held_bytes + size <= self.max_bytes:
+            self._memo[key], self.held_bytes = targets, self.held_bytes + size
+        return targets
+
+
 @dataclass
 class Scoring:
     """One batch sent to the teacher server(s) and not yet collected."""

@@ -348,3 +348,38 @@ def test_metrics_log_trims_steps_after_the_resumed_checkpoint(tmp_path):
     MetricsLog(tmp_path, resume_step=3).close()
     assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "runs").is_dir()
+
+
+def test_memo_teacher_scores_fixed_text_once_with_the_same_figures(tiny_models, tiny_dataset):
+    """MemoTeacher: the evaluation's teacher-written text is scored by the teacher once; the later
+    evaluations (and curve points) get the very targets it computed, so the figures do not move."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learner.data import to_examples
+    from learner.evaluate import divergences
+    from learner.teacher import LocalTeacher, MemoTeacher
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models.student))
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_models.student), dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_models.teacher), dtype=torch.float32).eval()
+    vocab = student.get_output_embeddings().weight.shape[0]
+    rows = [json.loads(x) for x in tiny_dataset.read_text().splitlines()][:10]
+    examples, _ = to_examples(rows, "prompt_completion", tok, 96, 128, "skip")
+    prompts, text = [e.prompt_ids for e in examples], [e.completion_ids for e in examples]
+    kw = dict(beta=0.5, vocab=vocab, pad_id=tok.pad_token_id, max_length=128, batch_size=4, device="cpu")
+
+    plain = divergences(student, teacher, prompts, text, **kw)
+    memo = MemoTeacher(LocalTeacher(teacher, torch.device("cpu"), vocab=vocab))
+    first = divergences(student, memo, prompts, text, **kw)
+    held = memo.held_bytes
+    assert held > 0 and first == pytest.approx(plain, rel=1e-6)
+    memo.teacher.model = None  # any batch it had to score again would fail now
+    assert divergences(student, memo, prompts, text, **kw) == first and memo.held_bytes == held
+    # a subset batched the same way (a curve point's first prompts) comes from the memo too
+    assert divergences(student, memo, prompts[:4], text[:4], **kw) == pytest.approx(
+        divergences(student, teacher, prompts[:4], text[:4], **kw), rel=1e-6
+    )
+    # past max_bytes nothing is kept: every call scores afresh
+    none = MemoTeacher(LocalTeacher(teacher, torch.device("cpu"), vocab=vocab), max_bytes=held - 1)
+    assert divergences(student, none, prompts, text, **kw) == pytest.approx(plain, rel=1e-6)
+    assert 0 < none.held_bytes < held
