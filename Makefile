@@ -55,8 +55,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# --durations: the CI log names the slowest tests (the suite's time budget is ~25 minutes)
 test: setup lint
-	$(PY) -m pytest -p randomly --randomly-seed=$(TEST_ORDER_SEED) $(PYTEST_ARGS)
+	$(PY) -m pytest -p randomly --randomly-seed=$(TEST_ORDER_SEED) --durations=30 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -p randomly --randomly-seed=$(TEST_ORDER_SEED) $(PYTEST_ARGS)
