@@ -65,6 +65,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         ["--loss_type", "sampled_rkl", "--lmbda", "1.0"],
     ),
     "lr2e-3": ("the default at twice the learning rate (2e-3)", ["--learning_rate", "2.0e-3"]),
+    "lmbda0": (
+        "teacher text only (lmbda 0: supervised KD, no sampling on the critical path)",
+        ["--lmbda", "0.0"],
+    ),
 }
 # In the grid but not swept here, and why (the table lists them).
 NOT_SWEPT = {
