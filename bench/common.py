@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -242,6 +243,29 @@ def write_result(name: str, data: dict[str, Any], md: str) -> None:
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (OUT / f"{name}.md").write_text(md.rstrip() + "\n")
     print(f"wrote {OUT / (name + '.json')} and {name}.md")
+
+
+# A section written by a benchmark run on its own (not by `make bench`), between markers so a rerun
+# replaces it and `make bench` (which rewrites the rest of BENCHMARKS.md) keeps it.
+SECTION_RE = r"<!-- bench\.([\w.-]+):start -->.*?<!-- bench\.\1:end -->\n?"
+
+
+def write_section(path: Path, md: str, key: str, title: str) -> None:
+    """Replace the `key` section of BENCHMARKS.md (between its `bench.<key>` markers), or append it."""
+    text = path.read_text() if path.exists() else ""
+    start, end = f"<!-- bench.{key}:start -->", f"<!-- bench.{key}:end -->"
+    block = f"{start}\n## {title}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} on its own ({load_note()}).\n\n{md.rstrip()}\n{end}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    path.write_text(text)
+
+
+def standalone_sections(text: str) -> list[str]:
+    """The sections `write_section` put in a BENCHMARKS.md text, in order."""
+    return [m.group(0) for m in re.finditer(SECTION_RE, text, re.S)]
 
 
 def load_note() -> str:

@@ -282,20 +282,6 @@ def render(result: dict[str, Any], plot_name: str) -> str:
     return "\n".join(out)
 
 
-def write_section(path: Path, md: str, key: str = "recipes") -> None:
-    """Replace this section of BENCHMARKS.md (between its `bench.<key>` markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    MARK_START, MARK_END = f"<!-- bench.{key}:start -->", f"<!-- bench.{key}:end -->"
-    title = "Distillation recipes" + (": the final choice on held-out" if key != "recipes" else "")
-    block = f"{MARK_START}\n## {title} (`python -m bench.recipes`)\n\n{md.rstrip()}\n{MARK_END}\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -377,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     name = "recipes_final" if args.final else "recipes"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(md)
-    write_section(Path(args.benchmarks), md, name)
+    title = "Distillation recipes" + (": the final choice on held-out" if args.final else "")
+    common.write_section(Path(args.benchmarks), md, name, f"{title} (`python -m bench.recipes`)")
     print(md)
 
 

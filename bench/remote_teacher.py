@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    ROOT,
     PeakRss,
     chat_ids,
     read_rows,
@@ -35,6 +36,7 @@ from bench.common import (
     table,
     target,
     write_result,
+    write_section,
 )
 from shared import procs
 
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     md += "".join(f"\n- {t['line']}" for t in targets) + "\n"
     write_result("remote_teacher", res, md)
+    write_section(
+        ROOT / "BENCHMARKS.md", md, "remote_teacher", "A teacher server (`python -m bench.remote_teacher`)"
+    )
     return 0
 
 

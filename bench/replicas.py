@@ -28,6 +28,7 @@ import time
 
 from bench.common import (
     OUT,
+    ROOT,
     chat_ids,
     demo_paths,
     load_note,
@@ -39,6 +40,7 @@ from bench.common import (
     table,
     target,
     write_result,
+    write_section,
 )
 
 TARGET = 1.7
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
     ratio = res["throughput_2"]["tokens_per_s"] / res["throughput_1"]["tokens_per_s"]
     res["targets"] = [target("rollout tokens/s, 2 replicas / 1 replica (a core each)", ratio, TARGET)]
-    write_result("replicas", res, _markdown(res, args))
+    md = _markdown(res, args)
+    write_result("replicas", res, md)
+    write_section(ROOT / "BENCHMARKS.md", md, "replicas", "Rollout replicas (`python -m bench.replicas`)")
     return 0
 
 

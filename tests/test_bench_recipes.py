@@ -31,16 +31,25 @@ def test_validation_is_carved_from_training_rows_and_heldout_is_untouched(tmp_pa
         recipes.split_data(train, held, tmp_path / "f", val_prompts=20)
 
 
-def test_benchmarks_section_is_replaced_not_duplicated(tmp_path):
+def test_benchmarks_section_is_replaced_not_duplicated_and_make_bench_keeps_it(tmp_path):
+    from bench.common import standalone_sections, write_section
+
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nother section\n")
-    recipes.write_section(md, "table one")
-    recipes.write_section(md, "table two")
-    recipes.write_section(md, "final table", "recipes_final")
+    write_section(md, "table one", "recipes", "Recipes")
+    write_section(md, "table two", "recipes", "Recipes")
+    write_section(md, "final table", "recipes_final", "Final")
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nother section\n")
     assert "table two" in text and "table one" not in text and text.count("bench.recipes:start") == 1
     assert "final table" in text
+    # what bench.run_all carries over when it rewrites the rest: both sections, whole, in order
+    kept = standalone_sections(text)
+    assert [k.splitlines()[0] for k in kept] == [
+        "<!-- bench.recipes:start -->",
+        "<!-- bench.recipes_final:start -->",
+    ]
+    assert "table two" in kept[0] and kept[1].rstrip().endswith("<!-- bench.recipes_final:end -->")
 
 
 def test_grid_covers_the_issue():
