@@ -19,6 +19,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -460,10 +461,14 @@ def start_learner(argv: list[str], log_path: Path) -> subprocess.Popen:
 
 
 def kill_pid(proc: subprocess.Popen) -> None:
-    """SIGKILL one process we started (by its PID), and reap it."""
+    """SIGKILL one process we started (by its PID: a crash), reap it, then SIGKILL what is left of
+    its process group: a rollout server's vLLM EngineCore and Worker outlive a SIGKILLed parent
+    (reparented to init, ~2.5 GB and a polling thread each), and would weigh on every later test."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def last_line(text: str) -> str:
