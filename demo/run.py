@@ -7,8 +7,9 @@
     -> demo-output/metrics.jsonl, report.md, plots; the quality verdict.
 
 Every process started here runs in its own process group and is stopped (SIGTERM, then SIGKILL)
-in a `finally`, also on failure or Ctrl-C. Exit codes: 0 done and target met, 1 done but the
-quality target missed, 2 a stage failed (one line on stderr, the logs say more).
+in a `finally`, also on failure or Ctrl-C. Exit codes: 0 done (the quality verdict, MET or
+MISSED, is printed and written to the report: a demo that ran to the end worked, whatever its
+figures), 2 a stage failed (one line on stderr, the logs say more).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run(root: Path, config: Path, *, quick: bool, drop_every: int | None, learne
     for line in report.quality_lines(verdict):
         print(line)
     print(f"demo took {timings['total_s'] / 60:.1f} min")
-    return 0 if verdict["passed"] else 1
+    return 0
 
 
 # ---------------------------------------------------------------- training
