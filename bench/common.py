@@ -250,11 +250,15 @@ def write_result(name: str, data: dict[str, Any], md: str) -> None:
 SECTION_RE = r"<!-- bench\.([\w.-]+):start -->.*?<!-- bench\.\1:end -->\n?"
 
 
-def write_section(path: Path, md: str, key: str, title: str) -> None:
-    """Replace the `key` section of BENCHMARKS.md (between its `bench.<key>` markers), or append it."""
+def write_section(path: Path, md: str, key: str, title: str, when: str | None = None) -> None:
+    """Replace the `key` section of BENCHMARKS.md (between its `bench.<key>` markers), or append it.
+
+    `when`: when it was measured (default: now, with the load average; a section rendered again
+    from its saved record passes the original time)."""
     text = path.read_text() if path.exists() else ""
     start, end = f"<!-- bench.{key}:start -->", f"<!-- bench.{key}:end -->"
-    block = f"{start}\n## {title}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} on its own ({load_note()}).\n\n{md.rstrip()}\n{end}\n"
+    when = when or f"{time.strftime('%Y-%m-%d %H:%M')} ({load_note()})"
+    block = f"{start}\n## {title}\n\nMeasured {when}, run on its own.\n\n{md.rstrip()}\n{end}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1].lstrip("\n")

@@ -278,7 +278,14 @@ def render(result: dict[str, Any], plot_name: str) -> str:
             "",
             common.table(HEADER, [_row(f)]),
         ]
-    out += [f"![held-out JSD vs training time, one curve per recipe](bench/plots/{plot_name})", ""]
+    elif result["sweep"]:
+        out.append(
+            "The held-out split is not read here: it is reported once, for the recipe chosen, by `make demo` "
+            "(demo/demo.yaml holds the choice; the README has its figures)."
+        )
+        out.append("")
+    split = "held-out" if result.get("final") else "validation"
+    out += [f"![{split} JSD vs training time, one curve per recipe](bench/plots/{plot_name})", ""]
     return "\n".join(out)
 
 
