@@ -250,7 +250,8 @@ def _row(r: dict[str, Any]) -> list[Any]:
 def render(result: dict[str, Any], plot_name: str) -> str:
     s = result["settings"]
     out = [
-        f"Each recipe trained for {s['budget_s']:g} s of training (evaluation excluded) on "
+        f"Each recipe trained for the configuration's max_steps, stopped early at {s['budget_s']:g} s of training "
+        "(evaluation excluded; the steps column says which ended it) on "
         f"{'the tiny test models' if s['tiny'] else 'the embedded default (demo.prepare teacher, pruned student, demo/demo.yaml)'}; "
         f"every recipe is scored by the JSD at beta {EVAL_BETA} on teacher text (whatever beta it trains with); "
         f"the winner is chosen on the **validation** split ({s['val_prompts']} training prompts held back from training).",
