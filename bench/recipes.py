@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     plot_name = "recipes_jsd_vs_time.png" if not args.final else "recipes_final_jsd_vs_time.png"
     plots.mkdir(parents=True, exist_ok=True)
     if runs:
-        plot_curves(plots / plot_name, {r["recipe"]: r["curve"] for r in runs if r["curve"]}, x="train_s")
+        curves = {r["recipe"]: r["curve"] for r in runs if r["curve"]}
+        plot_curves(plots / plot_name, curves, x="train_s", split="held-out" if args.final else "validation")
     md = render(result, plot_name)
     out.mkdir(parents=True, exist_ok=True)
     name = "recipes_final" if args.final else "recipes"

@@ -151,7 +151,9 @@ def curve_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], x: str = "step") -> Path:
+def plot_curves(
+    path: Path, curves: dict[str, list[dict[str, Any]]], x: str = "step", split: str = "held-out"
+) -> Path:
     """Held-out JSD on teacher text against `x` ("step" or "train_s"), one line per curve (PNG)."""
     import matplotlib
 
@@ -163,7 +165,7 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], x: str = "s
         ax.plot([p[x] for p in pts], [p["jsd"] for p in pts], marker="o", label=label)
     ax.axhline(0.0, color="tab:red", linestyle="--", label="teacher (0)")
     xlabel = "optimizer step" if x == "step" else "training seconds (evaluation excluded)"
-    ax.set(title="held-out JSD to the teacher on teacher text", xlabel=xlabel, ylabel="JSD per token")
+    ax.set(title=f"{split} JSD to the teacher on teacher text", xlabel=xlabel, ylabel="JSD per token")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
