@@ -55,12 +55,8 @@ def _server_version(server) -> int:
         c.close()
 
 
-def _assert_server_serves(server, adapter_dir, student_dir, prompt_ids):
-    """Greedy continuation on the server, scored by HF+PEFT with the saved adapter: equal within fp32 tolerance."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def _server_greedy(server, prompt_ids):
+    """The server's greedy continuation of `prompt_ids` (8 tokens) with its log-probs."""
     c = server.client()
     try:
         req = GenerateRequest(
@@ -68,9 +64,19 @@ def _assert_server_serves(server, adapter_dir, student_dir, prompt_ids):
             prompts=[Prompt(prompt_id="0", token_ids=prompt_ids)],
             sampling=SamplingSpec(temperature=0.0, max_new_tokens=8, seed=0),
         )
-        comp = c.generate(req).completions[0]
+        return c.generate(req).completions[0]
     finally:
         c.close()
+
+
+def _assert_server_serves(server, adapter_dir, student_dir, prompt_ids, comp=None):
+    """Greedy continuation on the server (or `comp`, one taken earlier), scored by HF+PEFT with the
+    saved adapter: equal within fp32 tolerance."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    comp = comp or _server_greedy(server, prompt_ids)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32), str(adapter_dir)
     ).eval()
@@ -79,6 +85,9 @@ def _assert_server_serves(server, adapter_dir, student_dir, prompt_ids):
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
     ours = [lp[i - 1, ids[i]].item() for i in range(len(prompt_ids), len(ids))]
     assert max(abs(a - b) for a, b in zip(ours, comp.logprobs)) < 1e-3
+
+
+FULL_RUN_PROMPT = [5, 17, 42, 99, 3, 250]
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +118,11 @@ def full_run(tiny_models, tiny_dataset, tmp_path_factory, server_pool):
     )
     result = run(cfg)
     # read now: the pool server is shared, and a later test may push to it or restart it
-    return out, cfg, result, v0, _server_version(server)
+    return out, cfg, result, v0, _server_version(server), _server_greedy(server, FULL_RUN_PROMPT)
 
 
 def test_full_run_lmbda_half(tiny_models, full_run):
-    out, cfg, result, v0, v_end = full_run
+    out, cfg, result, v0, v_end, served = full_run
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
@@ -169,7 +178,7 @@ def test_full_run_lmbda_half(tiny_models, full_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    ids = torch.tensor([FULL_RUN_PROMPT])
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_models.student)), str(out)
     ).eval()
@@ -179,7 +188,7 @@ def test_full_run_lmbda_half(tiny_models, full_run):
         a, b, c = peft_model(ids).logits, merged(ids).logits, base(ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - c).abs().max() > 1e-3  # training changed the model
-    _assert_server_serves(server, out, tiny_models.student, [5, 17, 42, 99, 3, 250])
+    _assert_server_serves(None, out, tiny_models.student, FULL_RUN_PROMPT, comp=served)
 
 
 @pytest.mark.parametrize(
