@@ -1,10 +1,10 @@
 """Shared fixtures: tiny real models, a tiny dataset, real rollout-server processes, real adapters.
 
 Engine starts are the expensive part (20-90 s on 2 CPU cores), so rollout servers come from one
-session-wide pool that keeps at most ONE server process alive (one vLLM engine at
-a time). A test asks for a configuration; the pool reuses the running server when the configuration
-matches and it is still at policy version 0, and otherwise stops it (by PID) and starts the right
-one. Group tests by configuration to keep restarts few.
+session-wide pool that keeps at most POOL_SIZE (2) server processes alive. A test asks for a
+configuration; the pool reuses a running server when the configuration matches and it is still at
+policy version 0 (or the test does not need that), and otherwise starts the right one, stopping
+the least recently used server (by process group) to make room.
 
 Fixtures:
 - tiny_models (session): TinyModels(student, teacher) directories sharing one tokenizer.
@@ -34,11 +34,14 @@ from shared import procs
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Settings of the shared default server. Small limits on purpose: tests exercise them.
+# Settings of the shared default server. Small limits on purpose: tests exercise them. One set for
+# the server tests, the learner tests (the seed's r=64 fits) and the 128-prompt load test, so that
+# they share one engine.
 DEFAULT_SERVER_FLAGS: dict[str, Any] = {
     "max_model_len": 1024,
     "kv_cache_gb": 1,
-    "max_lora_rank": 32,  # tests push r=64 to see it refused
+    "max_lora_rank": 64,  # tests push r=128 to see it refused
+    "max_num_seqs": 128,
     "max_message_mb": 2,  # tests send 3+ MB to see it refused (tiny adapters are KBs)
     "min_version_wait_s": 60,
 }
@@ -129,38 +132,60 @@ def start_server(model: Path, log_path: Path, *, ready_timeout_s: float = 400.0,
     return srv
 
 
-class ServerPool:
-    """At most one live server; reused while its flags match and it is still at version 0."""
+# Live pool servers at most. Two: the suite's two configurations (DEFAULT_SERVER_FLAGS and
+# test_rollout_server.SECURE) then stay up across modules in any order, and two idle tiny engines
+# fit this machine (2 cores, 24 GiB) beside a learner. Tests that start engines of
+# their own call server_pool.shrink(1), server_pool.stop() or get(..., alone=True) first.
+POOL_SIZE = int(os.environ.get("GKD_TEST_POOL_SIZE", "2"))
 
-    def __init__(self, model: Path, log_dir: Path):
+
+class ServerPool:
+    """Up to POOL_SIZE live servers keyed by their flags; the least recently used one is stopped
+    to make room. A server is reused while its flags match and (fresh) it is still at version 0."""
+
+    def __init__(self, model: Path, log_dir: Path, size: int = POOL_SIZE):
         self.model = model
         self.log_dir = log_dir
-        self.current: ServerProc | None = None
-        self._key: dict[str, Any] = {}
+        self.size = max(1, size)
+        self.live: list[tuple[dict[str, Any], ServerProc]] = []  # least recently used first
         self.starts = 0
 
-    def get(self, *, fresh: bool = True, **flags: Any) -> ServerProc:
-        """A live server with DEFAULT_SERVER_FLAGS overridden by `flags` (fresh: at version 0)."""
+    def get(self, *, fresh: bool = True, alone: bool = False, **flags: Any) -> ServerProc:
+        """A live server with DEFAULT_SERVER_FLAGS overridden by `flags` (fresh: at version 0;
+        alone: every other pool server is stopped, for tests that start engines of their own)."""
         want = {**DEFAULT_SERVER_FLAGS, **flags}
-        cur = self.current
-        if cur is not None and cur.alive() and self._key == want and (not fresh or self._version(cur) == 0):
-            return cur
-        self.stop()
+        found = next(((k, s) for k, s in self.live if k == want), None)
+        if found is not None:
+            self.live.remove(found)
+            if found[1].alive() and (not fresh or self._version(found[1]) == 0):
+                self.live.append(found)
+                if alone:
+                    self.shrink(1)
+                return found[1]
+            found[1].stop()
+        self.shrink(0 if alone else self.size - 1)
         args = dict(want)
         args.setdefault("http_port", procs.free_port())  # every server also serves the OpenAI endpoint
         self.starts += 1
-        self.current = start_server(self.model, self.log_dir / f"server-{self.starts}.log", **args)
-        self._key = want
-        return self.current
+        srv = start_server(self.model, self.log_dir / f"server-{self.starts}.log", **args)
+        self.live.append((want, srv))
+        return srv
+
+    def replace(self, old: ServerProc, new: ServerProc) -> None:
+        """`new` (same flags and port, restarted by a test) takes `old`'s place in the pool."""
+        self.live = [(k, new if s is old else s) for k, s in self.live]
 
     def _version(self, srv: ServerProc) -> int:
         with srv.client(timeout_s=30) as c:
             return c.status().policy_version
 
+    def shrink(self, keep: int) -> None:
+        """Stop the least recently used servers until at most `keep` are live."""
+        while len(self.live) > keep:
+            self.live.pop(0)[1].stop()
+
     def stop(self) -> None:
-        if self.current is not None:
-            self.current.stop()
-            self.current = None
+        self.shrink(0)
 
 
 @pytest.fixture(scope="session")

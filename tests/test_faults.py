@@ -501,7 +501,7 @@ def test_server_killed_mid_run_and_restarted(server, server_pool, tiny_models, t
         restarted = start_server(
             server_pool.model, tmp_path / "restarted-server.log", port=server.port, **server.args
         )
-        server_pool.current = restarted  # same flags, same port: the pool serves it to later tests
+        server_pool.replace(server, restarted)  # same flags, same port: the pool serves it to later tests
         proc.wait(600)
     finally:
         kill_pid(proc)
@@ -567,7 +567,7 @@ def test_no_version_is_reused_across_a_server_restart(
         restarted = start_server(
             server_pool.model, tmp_path / "restarted-server.log", port=server.port, **server.args
         )
-        server_pool.current = restarted
+        server_pool.replace(server, restarted)
         proc.wait(600)
     finally:
         kill_pid(proc)

@@ -468,12 +468,12 @@ def test_two_learner_processes_over_gloo(tiny_models, tiny_dataset, tmp_path, se
 
 
 def test_merged_output_serves_as_the_rollout_server_base_model(full_run, tmp_path, server_pool):
-    """It stops the shared server (one engine at a time) to serve the merged model; the pool restarts it."""
+    """It serves the merged model on an engine of its own, beside at most one pool server."""
     from conftest import hf_logprobs, start_server
     from transformers import AutoModelForCausalLM
 
     out = full_run[0]
-    server_pool.stop()
+    server_pool.shrink(1)
     srv = start_server(out / "merged", tmp_path / "merged-server.log", max_model_len=512, kv_cache_gb=1)
     try:
         c = srv.client()

@@ -74,7 +74,7 @@ def test_a_healthy_fp32_run_logs_mismatch_near_zero(tiny_models, tiny_dataset, t
 def test_a_server_left_on_the_previous_adapter_exits_2_after_the_push(
     tiny_models, tiny_dataset, tmp_path, server_pool, monkeypatch
 ):
-    server_pool.stop()  # one engine at a time on this machine
+    server_pool.shrink(1)  # two engines at most: one pool server and this one
     monkeypatch.setenv("GKD_TEST_STALE_WEIGHTS", "1")
     srv = start_server(tiny_models.student, tmp_path / "server.log", **DEFAULT_SERVER_FLAGS)
     try:

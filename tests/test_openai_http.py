@@ -1,8 +1,8 @@
 """`--http_port`: vLLM's own OpenAI server on the rollout engine, through the `openai` client.
 
 Two server starts: the default pool server (merged mode, loopback, no token) and the secure one
-(`--host 0.0.0.0`, a token, lora mode). The pool keeps one server alive, so each server's tests
-are one class: pytest-randomly shuffles within a class but keeps classes whole. A push test pushes
+(`--host 0.0.0.0`, a token, lora mode). Each server's tests are one class
+(pytest-randomly shuffles within a class but keeps classes whole), so the pool starts each once. A push test pushes
 the next version, and no test needs version 0.
 """
 

@@ -95,7 +95,7 @@ def test_targets_loss_local_and_topk_of_the_whole_vocabulary_agree():
 @pytest.fixture(scope="module")
 def servers(tiny_models, server_pool, tmp_path_factory):
     """(student rollout server, teacher server), both running."""
-    student = server_pool.get(fresh=False)
+    student = server_pool.get(fresh=False, alone=True)  # two engines at most: this one and the teacher
     teacher = start_server(
         tiny_models.teacher,
         tmp_path_factory.mktemp("teacher") / "teacher.log",

@@ -94,7 +94,7 @@ def test_128_seeded_chat_prompts_in_flight(server_pool, tiny_models):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_models.student))
-    srv = server_pool.get(max_num_seqs=128)
+    srv = server_pool.get(fresh=False)  # DEFAULT_SERVER_FLAGS: max_num_seqs 128
     n_req, per_req = 8, 16
     reqs = []
     for r in range(n_req):

@@ -1,6 +1,6 @@
 """The rollout server as a process: real vLLM CPU engine, real ZeroMQ sockets, tiny real model.
 
-Tests are grouped by server configuration (the pool in conftest keeps one engine alive at a time):
+Tests use two server configurations (the pool in conftest keeps two engines alive at most):
 first the shared default server (merged mode), then one bound beyond loopback with a token in
 lora mode (which test_wire.py reuses).
 """
@@ -21,7 +21,8 @@ from shared.transport import RemoteError, connect
 PROMPTS = [[5, 17, 33, 40], [100, 101, 102], [7, 8, 9, 10, 11, 12], [250, 3, 77]]
 CANARY = [11, 42, 7, 99, 150, 3, 260, 18, 64, 5]
 FP32_TOL = 1e-3  # vLLM fp32 vs HF fp32 differ by up to 2.8e-5 (measured on the tiny models)
-SECURE = {"host": "0.0.0.0", "token": "s3cret-token", "sync_mode": "lora"}  # shared with test_wire.py
+# shared with test_wire.py, test_bad_input.py and test_soak.py; tests push r=64 to see it refused
+SECURE = {"host": "0.0.0.0", "token": "s3cret-token", "sync_mode": "lora", "max_lora_rank": 32}
 
 
 def gen_request(
@@ -432,7 +433,7 @@ def test_corrupt_adapters_are_rejected_and_previous_version_keeps_serving(rollou
             push_of(lambda t: t.__setitem__(a_name, torch.full_like(t[a_name], float("nan")))),
             "invalid_adapter",
         ),
-        "rank above max": (make_adapter(r=64, seed=0).push(1), "invalid_adapter"),
+        "rank above max": (make_adapter(r=128, seed=0).push(1), "invalid_adapter"),
         "not safetensors": (
             PushAdapter(version=1, adapter=b"junk", sha256=sha256_hex(b"junk"), lora=good.lora),
             "invalid_adapter",

@@ -98,7 +98,7 @@ def test_tokenizer_fingerprint_tells_vocabularies_apart(tiny_models, tmp_path):
 def teacher_server(tiny_models, server_pool, tmp_path_factory):
     from tests.conftest import start_server
 
-    server_pool.stop()  # one engine at a time
+    server_pool.shrink(1)  # two engines at most: one pool server and the teacher
     srv = start_server(
         tiny_models.teacher,
         tmp_path_factory.mktemp("teacher") / "teacher.log",
