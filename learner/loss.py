@@ -304,8 +304,9 @@ def topk_tail_jsd_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
-    labels: torch.Tensor | None = None,
+    *,
     beta: float = 0.5,
+    labels: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "batchmean",
 ) -> torch.Tensor:
@@ -364,6 +365,7 @@ def sampled_rkl_loss(
     token_ids: torch.Tensor,
     teacher_token_logprobs: torch.Tensor,
     labels: torch.Tensor | None = None,
+    *,
     temperature: float = 1.0,
     reduction: str = "batchmean",
 ) -> torch.Tensor:

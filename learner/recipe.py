@@ -657,12 +657,7 @@ class GKDRecipe:
             student_completions=student_c,
             teacher_completions=teacher_c,
             text_teacher=self.text_teacher,
-            beta=_eval_beta(cfg),
-            vocab=m.vocab_size,
-            pad_id=m.tokenizer.pad_token_id,
-            max_length=cfg.data.max_length,
-            batch_size=cfg.train.per_device_eval_batch_size,
-            device=m.device,
+            **self._scoring_kw(),
         )
         write_samples(
             self.out / "samples.jsonl",
@@ -700,12 +695,7 @@ class GKDRecipe:
             self.text_teacher,  # batched as the evaluation: the teacher's side is memoized
             [e.prompt_ids for e in self.data.eval[:n]],
             self._teacher_texts()[:n],
-            beta=_eval_beta(cfg),
-            vocab=m.vocab_size,
-            pad_id=m.tokenizer.pad_token_id,
-            max_length=cfg.data.max_length,
-            batch_size=cfg.train.per_device_eval_batch_size,
-            device=m.device,
+            **self._scoring_kw(),
         )
         row = {
             **figures,
@@ -734,6 +724,18 @@ class GKDRecipe:
                 )
                 n += 1
                 req.request_id = f"{base_id}-r{n}"
+
+    def _scoring_kw(self) -> dict:
+        """How the evaluation and the curve score text: the same beta, batching and device."""
+        cfg, m = self.cfg, self.m
+        return dict(
+            beta=_eval_beta(cfg),
+            vocab=m.vocab_size,
+            pad_id=m.tokenizer.pad_token_id,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.train.per_device_eval_batch_size,
+            device=m.device,
+        )
 
     def _teacher_texts(self) -> list[list[int]]:
         """The dataset's completions; for prompt-only rows, teacher samples (generated once, cached)."""

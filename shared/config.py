@@ -93,10 +93,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = None
     curve_steps: int | None = None
-    max_time_s: float | None = None
+    save_merged: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
-    save_merged: bool = False
+    max_time_s: float | None = None
     resume: str | None = None
     loss_chunk_size: int | None = None
     torch_num_threads: int | None = None
@@ -301,8 +301,9 @@ def validate(cfg: Config) -> list[str]:
     # Counts that must be positive (or None where the setting is optional).
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
         need(getattr(t, name) > 0, name, getattr(t, name), "a positive integer")
-    for name in ("eval_steps", "curve_steps", "loss_chunk_size", "torch_num_threads"):
-        v = getattr(t, name)
+    optional = ("eval_steps", "curve_steps", "loss_chunk_size", "torch_num_threads", "save_total_limit")
+    for section, name in [(t, n) for n in optional] + [(r, "max_message_mb")]:
+        v = getattr(section, name)
         need(v is None or v > 0, name, v, "a positive integer")
     need(
         t.max_steps == -1 or t.max_steps > 0,
@@ -326,12 +327,6 @@ def validate(cfg: Config) -> list[str]:
     )
     need(d.eval_samples > 0, "eval_samples", d.eval_samples, "a positive integer")
     need(d.curve_samples > 0, "curve_samples", d.curve_samples, "a positive integer")
-    need(
-        t.save_total_limit is None or t.save_total_limit > 0,
-        "save_total_limit",
-        t.save_total_limit,
-        "a positive integer",
-    )
     if t.resume and _trl_resume(t) and _trl_resume(t) != t.resume:
         errs.append(
             f"resume={t.resume!r} and resume_from_checkpoint={t.resume_from_checkpoint!r} disagree: give one of them"
@@ -342,12 +337,6 @@ def validate(cfg: Config) -> list[str]:
     need(0 < r.server_port < 65536, "server_port", r.server_port, "in [1, 65535]")
     need(r.request_timeout_s > 0, "request_timeout_s", r.request_timeout_s, "> 0")
     need(r.reconnect_deadline_s > 0, "reconnect_deadline_s", r.reconnect_deadline_s, "> 0")
-    need(
-        r.max_message_mb is None or r.max_message_mb > 0,
-        "max_message_mb",
-        r.max_message_mb,
-        "a positive integer",
-    )
     need(bool(m.model_name_or_path), "model_name_or_path", m.model_name_or_path, "set (the student model)")
     need(
         bool(m.teacher_model_name_or_path) or bool(m.teacher_url),

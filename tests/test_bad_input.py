@@ -354,7 +354,7 @@ def test_bad_input(case: Case, ctx: Ctx, tmp_path):
 @pytest.mark.parametrize("name,says", [("columns.jsonl", "expected 'messages'"), ("empty.jsonl", "is empty")])
 def test_bad_data_fails_fast_before_any_server_wait(name, says, ctx: Ctx, tmp_path):
     """The dataset is checked before the learner waits for a server (default deadline 120 s) or
-    loads a model: with no server anywhere, exit 2 within 30 s (issue 16)."""
+    loads a model: with no server anywhere, exit 2 within 30 s."""
     argv = learner(server=False)(ctx, tmp_path / "out") + ["--dataset_name", str(ctx.files / name)]
     argv += ["--reconnect_deadline_s", "120"]
     r = subprocess.run(argv, cwd=REPO, env=learner_env(), capture_output=True, text=True, timeout=30)
@@ -364,7 +364,7 @@ def test_bad_data_fails_fast_before_any_server_wait(name, says, ctx: Ctx, tmp_pa
 
 @pytest.mark.slow  # starts learner processes (no server)
 def test_push_to_hub_is_refused_at_start_without_a_token_or_a_hub(ctx: Ctx, tmp_path):
-    """--push_to_hub checks the token and the hub before any model loads (issue 16): no token, or a
+    """--push_to_hub checks the token and the hub before any model loads: no token, or a
     hub that cannot be reached, is one line and exit 2 in seconds, with no server running."""
     base = learner(server=False)(ctx, tmp_path / "out") + ["--push_to_hub", "--hub_model_id", "me/gkd"]
     env = {k: v for k, v in learner_env().items() if not k.startswith("HF_")}

@@ -1,4 +1,4 @@
-"""Run identity (issue 16): which run an output_dir and a checkpoint belong to, what may resume it,
+"""Run identity: which run an output_dir and a checkpoint belong to, what may resume it,
 --overwrite_output_dir, --save_total_limit, a torn metrics line, and the signal handler.
 
 Unit tests on real files (learner.identity, learner.checkpoint, learner.metrics, learner.signals);

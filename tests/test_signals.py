@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT (issue 16): the learner stops at a step boundary with a complete checkpoint, exits
+"""SIGTERM / SIGINT: the learner stops at a step boundary with a complete checkpoint, exits
 143 / 130, and `--resume latest` ends with exactly the adapter an uninterrupted run gets.
 
 Real rollout server and learner processes, tiny fp32 models, fixed seed, every micro-batch sampled

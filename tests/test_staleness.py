@@ -1,4 +1,4 @@
-"""Staleness (issue 16): a rollout sampled by a policy version newer than the learner's is an error.
+"""Staleness: a rollout sampled by a policy version newer than the learner's is an error.
 
 Real server, real ZeroMQ client and the learner's real Rollouts; the test itself pushes an adapter
 the learner never made, as another learner pointed at the same server would.

@@ -325,6 +325,21 @@ def test_report_to_an_uninstalled_integration_is_one_line(name):
     assert str(e.value).startswith(f"--report_to {name}: the {name} package is not installed")
 
 
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        (["--report_to", "none"], []),  # metrics.jsonl only: no TensorBoard writer
+        (["--report_to", "tensorboard"], ["tensorboard"]),
+        (["--report_to", "tensorboard", "none", "tensorboard"], ["tensorboard"]),
+    ],
+)
+def test_report_to_none_writes_no_integration(flags, want):
+    from learner.trl_runtime import reporters
+
+    cfg, _ = parse_args(REQUIRED + flags)
+    assert reporters(cfg) == want
+
+
 @pytest.mark.slow
 def test_load_in_4bit_on_cpu_exits_2_with_one_line(tmp_path, tiny_models, tiny_dataset):
     """QLoRA here (CPU, no bitsandbytes device): exit 2, one line naming the device, within seconds,

@@ -48,10 +48,10 @@ class RayClient(RolloutClient):
         self,
         actor_name: str,
         *,
-        token: str | None = None,
-        timeout_s: float = 600.0,
         namespace: str = NAMESPACE,
         lookup_timeout_s: float = 60.0,
+        token: str | None = None,
+        timeout_s: float = 600.0,
         max_message_mb: int | None = None,
     ):
         import ray
