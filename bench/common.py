@@ -74,6 +74,19 @@ def demo_paths(with_data: bool = True) -> dict[str, Path]:
     return paths
 
 
+def tiny_pair(work: Path, layers: int, hidden: int, teacher_layers: int) -> tuple[Path, Path, Path]:
+    """The tiny test pair of shared.tiny made wider and deeper, and a 256-row dataset: for the
+    benchmarks whose figures need sampling and training to take measurable time on a CPU."""
+    from shared.tiny import build_model, build_tokenizer, write_dataset
+
+    tok = work / "tokenizer"
+    build_tokenizer(tok)
+    kw = dict(hidden=hidden, intermediate=2 * hidden, heads=4, kv_heads=4, tokenizer_dir=tok)
+    student = build_model(work / "student", num_layers=layers, seed=1, **kw)
+    teacher = build_model(work / "teacher", num_layers=teacher_layers, seed=2, **kw)
+    return Path(student), Path(teacher), write_dataset(work / "train.jsonl", n=256)
+
+
 def add_run_settings(p) -> None:
     """The training settings both systems of the end-to-end benchmark share (one definition, so
     ours and TRL's GKDTrainer cannot drift apart in their defaults)."""
@@ -250,15 +263,19 @@ def write_result(name: str, data: dict[str, Any], md: str) -> None:
 SECTION_RE = r"<!-- bench\.([\w.-]+):start -->.*?<!-- bench\.\1:end -->\n?"
 
 
-def write_section(path: Path, md: str, key: str, title: str, when: str | None = None) -> None:
+def write_section(
+    path: Path, md: str, key: str, title: str, when: str | None = None, alone: bool = True
+) -> None:
     """Replace the `key` section of BENCHMARKS.md (between its `bench.<key>` markers), or append it.
 
     `when`: when it was measured (default: now, with the load average; a section rendered again
-    from its saved record passes the original time)."""
+    from its saved record passes the original time). `alone`: nothing else ran meanwhile."""
     text = path.read_text() if path.exists() else ""
     start, end = f"<!-- bench.{key}:start -->", f"<!-- bench.{key}:end -->"
     when = when or f"{time.strftime('%Y-%m-%d %H:%M')} ({load_note()})"
-    block = f"{start}\n## {title}\n\nMeasured {when}, run on its own.\n\n{md.rstrip()}\n{end}\n"
+    body = re.sub(r"\A## [^\n]*\n+", "", md.strip() + "\n")  # `title` heads the section: not md's own
+    how = "run on its own" if alone else "with other work on the machine"
+    block = f"{start}\n## {title}\n\nMeasured {when}, {how}.\n\n{body.rstrip()}\n{end}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1].lstrip("\n")

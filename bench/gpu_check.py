@@ -75,7 +75,10 @@ def _peak_gb(device, base: int | None = 0) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - (base or 0)) / 1e9
 
 
-def check_train(device, *, tiny: bool, steps: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+def check_train(
+    device, *, tiny: bool, steps: int, prompt_len: int, new_tokens: int, dtype=None
+) -> dict[str, Any]:
+    """Seed-shaped optimizer steps (one micro-batch of 4 each), in bf16 unless `dtype` says otherwise."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -83,7 +86,7 @@ def check_train(device, *, tiny: bool, steps: int, prompt_len: int, new_tokens: 
     from learner.step import collate, distill_loss
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16
+    dtype = dtype or torch.bfloat16
     student = AutoModelForCausalLM.from_config(_config("qwen2-0.5b", tiny), dtype=dtype).to(device)
     teacher = AutoModelForCausalLM.from_config(_config("qwen2-1.5b", tiny), dtype=dtype).to(device)
     teacher.eval().requires_grad_(False)
@@ -232,12 +235,30 @@ def check_merge_drift(
     ws = [layer.self_attn.q_proj.weight.detach().to(device) for layer in model.model.layers]
     scale = alpha / r
     gen = torch.Generator(device=device).manual_seed(1)
-    sums = {"bf16_pristine": [0, 0.0], "fp32_pristine": [0, 0.0]}
-    total = 0
+    pairs = []
     for w32 in ws:
         a = torch.randn(r, w32.shape[1], device=device, generator=gen) / w32.shape[1] ** 0.5
         b = torch.randn(w32.shape[0], r, device=device, generator=gen) * b_std
-        delta = scale * (b @ a)
+        pairs.append((w32, scale * (b @ a)))
+    return {
+        "weights": "q_proj of every layer",
+        "lora_r": r,
+        "lora_alpha": alpha,
+        "lora_b_std": b_std,
+        **served_delta(pairs),
+    }
+
+
+def served_delta(pairs) -> dict[str, dict[str, float]]:
+    """For (fp32 W0, fp32 delta) pairs: what a bf16 server serves of each delta, merged from a bf16
+    pristine copy (bf16(W0) + bf16(delta)) and from a fp32 one (bf16(W0 + delta)): the share of
+    weights equal to bf16(W0) (the delta rounded away) and the relative error of the served delta
+    (merged - bf16(W0)) against delta (RMS over the pairs)."""
+    import torch
+
+    sums = {"bf16_pristine": [0, 0.0], "fp32_pristine": [0, 0.0]}
+    total = 0
+    for w32, delta in pairs:
         base = w32.to(torch.bfloat16)
         merged = {
             "bf16_pristine": base + delta.to(torch.bfloat16),
@@ -247,15 +268,10 @@ def check_merge_drift(
             sums[k][0] += int((m == base).sum())
             sums[k][1] += float(((m.float() - base.float() - delta).norm() / delta.norm()) ** 2)
         total += w32.numel()
-    out: dict[str, Any] = {
-        "weights": "q_proj of every layer",
-        "lora_r": r,
-        "lora_alpha": alpha,
-        "lora_b_std": b_std,
+    return {
+        k: {"share_unchanged": same / total, "rel_err_of_served_delta": (err / len(pairs)) ** 0.5}
+        for k, (same, err) in sums.items()
     }
-    for k, (same, err) in sums.items():
-        out[k] = {"share_unchanged": same / total, "rel_err_of_served_delta": (err / len(ws)) ** 0.5}
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -14,8 +14,12 @@ top-k 100 (top-k + tail JSD), and the sampled-token reverse KL (`--loss_type sam
   server's `score` (vLLM prompt logprobs, top-k 20) against the learner's local HF teacher forward
   (fp32, micro-batches of `--batch`, `torch_num_threads` threads).
 
-Models: the tiny test pair from shared.tiny made wider and deeper (`--layers`, `--hidden`), as in
-bench.staleness. `python -m bench.remote_teacher`; writes bench/out/remote_teacher.{json,md}.
+Models (`--models`): `embedded` (the default) is the demo's pair, prepared by demo.prepare into
+demo-output/ (cached, shared with `make demo`): SmolLM2-135M-Instruct as the teacher and its
+layer-pruned copy as the student, trained on the demo's train split with the demo's LoRA (r64,
+all-linear) and scored on its held-out split's teacher-written completions. `tiny` is the test pair
+from shared.tiny made wider and deeper (`--layers`, `--hidden`), as in bench.staleness, for a smoke
+run. `python -m bench.remote_teacher`; writes bench/out/remote_teacher.{json,md}.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from bench.common import (
     setup_process,
     table,
     target,
+    tiny_pair,
     write_result,
     write_section,
 )
@@ -48,15 +53,18 @@ RUNS = [  # (name, extra learner flags)
 ]
 
 
-def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path, Path]:
-    from shared.tiny import build_model, build_tokenizer, write_dataset
+# The demo's LoRA and learning rate (demo/demo.yaml); the tiny pair keeps the smaller adapter below.
+EMBEDDED_FLAGS = {"use_peft": "true", "lora_r": 64, "lora_alpha": 128, "lora_target_modules": "all-linear"}
+TINY_FLAGS = {"use_peft": "true", "lora_r": 16, "lora_alpha": 32}  # use_peft: TRL's default is off
 
-    tok = work / "tokenizer"
-    build_tokenizer(tok)
-    kw = dict(hidden=hidden, intermediate=2 * hidden, heads=4, kv_heads=4, tokenizer_dir=tok)
-    student = build_model(work / "student", num_layers=layers, seed=1, **kw)
-    teacher = build_model(work / "teacher", num_layers=layers + 2, seed=2, **kw)
-    return Path(student), Path(teacher), write_dataset(work / "train.jsonl", n=256)
+
+def build_embedded() -> tuple[Path, Path, Path]:
+    """The demo's teacher, pruned student and teacher-written data (demo.prepare, cached in demo-output/)."""
+    from demo import prepare as P
+
+    data, eval_samples = P.settings_from_config(ROOT / "demo" / "demo.yaml")
+    prep = P.prepare(ROOT / "demo-output", data=data, eval_samples=eval_samples)
+    return prep.student, prep.teacher, prep.data
 
 
 def run_learner(name: str, extra: dict, paths, url: str, teacher_url: str, work: Path, args) -> dict:
@@ -79,8 +87,7 @@ def run_learner(name: str, extra: dict, paths, url: str, teacher_url: str, work:
         "logging_steps": 1,
         "save_steps": 10_000,
         "learning_rate": args.lr,
-        "lora_r": 16,
-        "lora_alpha": 32,
+        **(EMBEDDED_FLAGS if args.models == "embedded" else TINY_FLAGS),
         "torch_dtype": "float32",
         "torch_num_threads": args.threads,
         "seed": 3,
@@ -117,18 +124,27 @@ def run_learner(name: str, extra: dict, paths, url: str, teacher_url: str, work:
 
 
 def heldout(paths, args):
-    """Held-out prompts (not trained on: rows past the training set) and seeded HF teacher samples."""
+    """Held-out prompts (never trained on) and teacher-written completions for them.
+
+    embedded: the demo's held-out split, whose completions the teacher wrote in demo.prepare; tiny:
+    rows past the training set, completed here by seeded HF teacher samples."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from learner.data import detect_shape, to_examples
     from learner.rollouts import hf_generate
     from shared.tiny import write_dataset
 
     student, teacher, _ = paths
     tok = AutoTokenizer.from_pretrained(str(student))
+    t_model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    if args.models == "embedded":
+        rows = read_rows(paths[2] / "heldout.jsonl")[: args.eval_prompts]
+        limit = 256 - args.max_new_tokens
+        ex, _ = to_examples(rows, detect_shape(rows[0].keys(), "heldout"), tok, limit, 256, "truncate")
+        return tok, t_model, [e.prompt_ids for e in ex], [e.completion_ids for e in ex]
     rows = read_rows(write_dataset(paths[2].parent / "heldout.jsonl", n=args.eval_prompts, seed=11))
     prompts = [chat_ids(tok, r["prompt"]) for r in rows]
-    t_model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
     comps = hf_generate(
         t_model,
         prompts,
@@ -209,6 +225,7 @@ def scoring_throughput(teacher_url: str, t_model, prompts, comps, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup_process()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", choices=["embedded", "tiny"], default="embedded")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
@@ -217,14 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lmbda", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--eval_prompts", type=int, default=32)
+    p.add_argument(
+        "--max_new_tokens", type=int, default=None, help="default: 64 embedded (the demo's), 32 tiny"
+    )
+    p.add_argument(
+        "--eval_prompts", type=int, default=None, help="default: 40 embedded (the demo's), 32 tiny"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", nargs="+", default=[n for n, _ in RUNS], choices=[n for n, _ in RUNS])
     p.add_argument("--timeout_s", type=float, default=1200)
     args = p.parse_args(argv)
+    embedded = args.models == "embedded"
+    args.max_new_tokens = args.max_new_tokens or (64 if embedded else 32)
+    args.eval_prompts = args.eval_prompts or (40 if embedded else 32)
     work = Path(tempfile.mkdtemp(prefix="gkd-bench-remote-teacher-"))
-    paths = build(work, args.layers, args.hidden)
+    paths = (
+        build_embedded()
+        if args.models == "embedded"
+        else tiny_pair(work, args.layers, args.hidden, args.layers + 2)
+    )
     server = rollout_server(paths[0], work / "server.log", max_model_len=512)
     teacher = rollout_server(
         paths[1], work / "teacher.log", max_model_len=512, role="teacher", max_logprobs=128
@@ -253,9 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         rel = runs["remote_k20"]["gap_closed"] / runs["local"]["gap_closed"]
         targets.append(target("k=20 gap closed / local full-vocabulary gap closed", rel, 0.9))
     res["targets"] = targets
-    md = "## Remote teacher (`--teacher_url`)\n\n" + table(
-        ["run", "held-out JSD after", "gap closed", "learner peak RSS (MiB)", "wall (s)"],
-        [[n, r["jsd_after"], r["gap_closed"], r["peak_rss_mib"], r["wall_s"]] for n, r in runs.items()],
+    a = args
+    md = (
+        "## Remote teacher (`--teacher_url`)\n\n"
+        + (
+            f"Models: {a.models}; {a.steps} steps of batch {a.batch} x accumulation {a.accum}, lmbda {a.lmbda}, "
+            f"beta {a.beta}, lr {a.lr}, max_new_tokens {a.max_new_tokens}, seed 3; held-out: {a.eval_prompts} prompts.\n\n"
+        )
+        + table(
+            ["run", "held-out JSD after", "gap closed", "learner peak RSS (MiB)", "wall (s)"],
+            [[n, r["jsd_after"], r["gap_closed"], r["peak_rss_mib"], r["wall_s"]] for n, r in runs.items()],
+        )
     )
     sc = res["scoring"]
     md += (

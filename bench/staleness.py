@@ -19,19 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import OUT, read_rows, rollout_server, setup_process
+from bench.common import OUT, read_rows, rollout_server, setup_process, tiny_pair
 from shared import procs
-
-
-def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path, Path]:
-    from shared.tiny import build_model, build_tokenizer, write_dataset
-
-    tok = work / "tokenizer"
-    build_tokenizer(tok)
-    kw = dict(hidden=hidden, intermediate=2 * hidden, heads=4, kv_heads=4, tokenizer_dir=tok)
-    student = build_model(work / "student", num_layers=layers, seed=1, **kw)
-    teacher = build_model(work / "teacher", num_layers=layers + 1, seed=2, **kw)
-    return Path(student), Path(teacher), write_dataset(work / "train.jsonl", n=256)
 
 
 def run_learner(paths, url: str, out: Path, staleness: int, args) -> list[dict]:
@@ -87,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout_s", type=float, default=900)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gkd-bench-staleness-"))
-    paths = build(work, args.layers, args.hidden)
+    paths = tiny_pair(work, args.layers, args.hidden, args.layers + 1)
     server = rollout_server(paths[0], work / "server.log", max_model_len=512)
     res: dict = {"settings": vars(args)}
     try:

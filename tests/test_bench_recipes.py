@@ -43,11 +43,15 @@ def test_benchmarks_section_is_replaced_not_duplicated_and_make_bench_keeps_it(t
     assert text.startswith("# Benchmarks\n\nother section\n")
     assert "table two" in text and "table one" not in text and text.count("bench.recipes:start") == 1
     assert "final table" in text
+    write_section(md, "## Its own heading\n\nbody", "headed", "Headed")  # one heading: the title
+    assert "## Headed\n" in md.read_text() and "Its own heading" not in md.read_text()
+    text = md.read_text()
     # what bench.run_all carries over when it rewrites the rest: both sections, whole, in order
     kept = standalone_sections(text)
     assert [k.splitlines()[0] for k in kept] == [
         "<!-- bench.recipes:start -->",
         "<!-- bench.recipes_final:start -->",
+        "<!-- bench.headed:start -->",
     ]
     assert "table two" in kept[0] and kept[1].rstrip().endswith("<!-- bench.recipes_final:end -->")
 
