@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from rollout_server.settings import ServerSettings, flag_specs, problems
+from rollout_server.settings import ServerSettings, flag_specs, problems, with_sync_mode
 
 PROG = "gkd-rollout-server"
 log = logging.getLogger("gkd.rollout_server")
@@ -65,6 +65,7 @@ def check(s: ServerSettings) -> ServerSettings:
     if errors:
         raise _Exit(errors[0])
     s = msgspec.structs.replace(s, model=resolve_model(s.model))
+    s = with_sync_mode(s)
     from rollout_server.engine import model_context_len
 
     limit = model_context_len(s.model)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rollout_server.settings import ServerSettings
+from rollout_server.settings import ServerSettings, with_sync_mode
 from shared.messages import Completion, SamplingSpec
 
 log = logging.getLogger("gkd.rollout_server")
@@ -78,6 +78,7 @@ def model_context_len(model_dir: str) -> int | None:
 
 def engine_args(s: ServerSettings, on_cpu: bool) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for these settings on this platform."""
+    s = with_sync_mode(s)
     kw: dict[str, Any] = dict(
         model=s.model,
         dtype=resolve_dtype(s.dtype, on_cpu),
@@ -120,7 +121,7 @@ class AsyncEngine:
         _prepare_env()
         from vllm.platforms import current_platform
 
-        self.settings = settings
+        self.settings = settings = with_sync_mode(settings)
         self.on_cpu = current_platform.is_cpu()
         self.dtype_name = resolve_dtype(settings.dtype, self.on_cpu)
         self.loop = asyncio.new_event_loop()

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from rollout_server.settings import ServerSettings
+from rollout_server.settings import ServerSettings, with_sync_mode
 from shared.fingerprint import model_fingerprint
 from shared.messages import (
     ErrorReply,
@@ -83,6 +83,7 @@ class _Once:
 
 class RolloutService:
     def __init__(self, engine: Any, settings: ServerSettings, *, adapter_root: str | Path | None = None):
+        settings = with_sync_mode(settings)
         if settings.needs_token() and not settings.token:
             raise ValueError(
                 f"host={settings.host} is beyond loopback: a token is required (--token or GKD_TOKEN)"

