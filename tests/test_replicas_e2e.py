@@ -83,9 +83,6 @@ def test_two_replicas_finish_a_run_and_both_serve(replicas, tiny_models, tiny_da
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="intermittent (issue 12): failed 1 run in 3 on 2026-12-02 (cause not captured), passed 2 of 2 on 2026-12-03; kept out of CI until the cause is known"
-)
 def test_replica_killed_mid_run_then_restarted_rejoins(replicas, tiny_models, tiny_dataset, tmp_path):
     out, log, n_steps = tmp_path / "run", tmp_path / "learner.log", 12
     proc = start_learner(run_argv(tiny_models, tiny_dataset, out, replicas, n_steps), log)
