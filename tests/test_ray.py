@@ -312,3 +312,28 @@ def test_ray_job_two_replicas_two_learner_workers(ray_cluster, tiny, tmp_path):
             served[name] = int(rest.split("served ")[1].split()[0])
     assert ends == {"ray://t-pair-0": final, "ray://t-pair-1": final}, (ends, logs[-4000:])
     assert all(n > 0 for n in served.values()), served  # routing used both
+
+
+def test_ray_job_resume_latest_with_the_same_workers(ray_cluster, tiny, tmp_path):
+    """`--resume latest` in a new job with the same `--learner_workers 2` continues from the last
+    checkpoint: steps 1-2 in one job, 3-4 in the next, contiguous, one run id."""
+    # Two more 2 x 2 jobs (~2 min on 2 cores): more than the CI suite can spend, so it is opt-in.
+    if os.environ.get("GKD_RUN_RAY_RESUME_TEST") != "1":
+        pytest.skip("two more Ray jobs; set GKD_RUN_RAY_RESUME_TEST=1 to run it")
+    out = tmp_path / "out"
+    args = _job_args(tiny, out)
+    for flag, value in (("--rollout_num_cpus", "0.5"), ("--learner_num_cpus", "0.5"), ("--save_steps", "1")):
+        args[args.index(flag) + 1] = value
+    args += ["--rollout_replicas", "2", "--learner_workers", "2", "--actor_name", "t-resume"]
+    for max_steps, extra in (("2", []), ("4", ["--resume", "latest"])):
+        args[args.index("--max_steps") + 1] = max_steps
+        sid = _submit(ray_cluster, args + extra)
+        status, logs, secs = _wait_job(ray_cluster, sid, deadline_s=1200)
+        print(f"ray job {sid} (max_steps {max_steps} {' '.join(extra)}): {status} in {secs:.0f} s")
+        assert status == "SUCCEEDED", f"job {sid} ended {status} after {secs:.0f} s; logs:\n{logs[-8000:]}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [int(r["step"]) for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4], steps  # none lost, none repeated
+    starts = [r for r in rows if "resumed_from" in r]
+    assert [s["resumed_from"] is None for s in starts] == [True, False], starts
+    assert len({s["run_id"] for s in starts}) == 1, starts
